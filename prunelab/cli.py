@@ -1,0 +1,48 @@
+"""The ``prunelab`` command: a Hydra app over ``conf/``.
+
+    prunelab                                   # the default run (digits, LeNet-300-100, magnitude, 90%)
+    prunelab model=lenet5 data=mnist prune.sparsity=0.98
+    prunelab --multirun method=magnitude,random prune.sparsity=0.5,0.9
+    prunelab --cfg job                         # print the composed config
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from prunelab.config import register_configs, register_resolvers
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+if not Path(CONFIG_DIR).is_dir():  # installed without the repo: configs shipped inside the package
+    CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+register_configs()
+register_resolvers()
+log = logging.getLogger("prunelab")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from prunelab.pipeline.run import run_pipeline
+    from prunelab.report.summary import print_summary
+
+    results = run_pipeline(cfg)
+    print_summary(results)
+    return results["final"].get("test_acc")
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Everything a schedule needs for one run, built once from the config, and the one place that reads and
+writes run artefacts (stage records, masks, checkpoints) and the dense-model cache."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from prunelab.config import identity, stable_hash
+from prunelab.finetune.base import Finetune
+from prunelab.metrics.flops import count_params, masked_flops
+from prunelab.pipeline.module import PruneModule
+from prunelab.pruning.allocation import Allocation
+from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.scorers.base import Scorer
+from prunelab.utils.io import atomic_torch_save, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+def is_rank_zero() -> bool:
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    cache_dir: Path
+    datamodule: Any
+    scorer: Scorer
+    allocation: Allocation
+    finetune: Finetune
+    sparsity: float
+    loggers: list
+    callbacks_cfg: list = field(default_factory=list)
+    callbacks_extra: list = field(default_factory=list)
+    stages: dict[str, dict] = field(default_factory=dict)
+    extra_final: dict[str, Any] = field(default_factory=dict)
+
+    # model ------------------------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.datamodule.input_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.datamodule.num_classes)
+
+    def build_model(self) -> nn.Module:
+        pl.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
+        return instantiate(self.cfg.model, input_shape=self.input_shape, num_classes=self.num_classes)
+
+    def new_masks(self, model: nn.Module) -> MaskSet:
+        p = self.cfg.prune
+        return MaskSet.from_model(
+            model, include=list(p.include), exclude_first=bool(p.exclude_first),
+            exclude_last=bool(p.exclude_last), exclude=list(p.exclude),
+        )
+
+    def score_batches(self) -> list:
+        if not self.scorer.needs_data:
+            return []
+        p = self.cfg.prune
+        return self.datamodule.score_batches(int(p.score_batches), p.score_batch_size)
+
+    # training ---------------------------------------------------------------------------------------
+    def trainer(self, stage: str, epochs: int, ckpt_dir: Path | None = None) -> pl.Trainer:
+        callbacks: list = [instantiate(c) for c in self.callbacks_cfg] + list(self.callbacks_extra)
+        if ckpt_dir is not None:
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                             every_n_epochs=1, enable_version_counter=False))
+        if self.cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(RichProgressBar(leave=False))
+        return instantiate(
+            self.cfg.trainer, max_epochs=int(epochs), logger=self.loggers or False, callbacks=callbacks,
+            enable_checkpointing=ckpt_dir is not None, default_root_dir=str(self.run_dir),
+        )
+
+    def module(self, model: nn.Module, stage: str, optimizer, scheduler, masks: MaskSet | None = None,
+               extra_loss=None) -> PruneModule:
+        return PruneModule(model, self.num_classes, OmegaConf.to_container(optimizer, resolve=True)
+                           if OmegaConf.is_config(optimizer) else dict(optimizer),
+                           OmegaConf.to_container(scheduler, resolve=True)
+                           if OmegaConf.is_config(scheduler) else dict(scheduler),
+                           stage=stage, masks=masks, extra_loss=extra_loss)
+
+    def fit(self, module: PruneModule, epochs: int, ckpt_dir: Path) -> float:
+        """Train ``module`` for ``epochs``, checkpointing every epoch into ``ckpt_dir`` and resuming from
+        ``ckpt_dir/last.ckpt`` when an earlier attempt was interrupted. Returns the wall time."""
+        start = time.perf_counter()
+        if epochs <= 0:
+            return 0.0
+        last = ckpt_dir / "last.ckpt"
+        trainer = self.trainer(module.stage, epochs, ckpt_dir)
+        if last.exists():
+            log.info("%s: resuming from %s", module.stage, last)
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if last.exists() else None)
+        return time.perf_counter() - start
+
+    def evaluate(self, model: nn.Module, stage: str, masks: MaskSet | None = None) -> dict[str, float]:
+        """Test accuracy and loss of ``model`` (``<stage>/test/acc``, ``<stage>/test/loss``)."""
+        module = self.module(model, stage, {"name": "sgd", "lr": 0.0}, {"name": "constant"}, masks)
+        trainer = self.trainer(stage, 1)
+        out = trainer.test(module, datamodule=self.datamodule, verbose=False)
+        return {k: float(v) for k, v in out[0].items()} if out else {}
+
+    # sparsity ---------------------------------------------------------------------------------------
+    def sparsity_metrics(self, model: nn.Module, masks: MaskSet, stage: str) -> dict[str, Any]:
+        from prunelab.pruning.effective import effective_sparsity_report
+
+        eff = effective_sparsity_report(model, masks, self.input_shape)
+        flops = masked_flops(model, self.input_shape, masks)
+        total = count_params(model)
+        removed = masks.numel() - masks.remaining()
+        metrics = {
+            f"{stage}/sparsity/direct": masks.sparsity(),
+            f"{stage}/compression/direct": masks.compression(),
+            f"{stage}/sparsity/effective": eff["sparsity_effective"],
+            f"{stage}/compression/effective": eff["compression_effective"],
+            f"{stage}/layer_collapse": float(eff["layer_collapse"]),
+            f"{stage}/params/total": total,
+            f"{stage}/params/remaining": total - removed,
+            f"{stage}/flops/dense": flops["flops_dense"],
+            f"{stage}/flops/remaining": flops["flops_remaining"],
+        }
+        layers = {row["name"]: row["effective_remaining"] for row in eff["layers"]}
+        return {"metrics": metrics, "layers_effective": layers}
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v
+                  and abs(float(v)) != float("inf")}
+        for lg in self.loggers:
+            lg.log_metrics(finite)
+
+    # artefacts --------------------------------------------------------------------------------------
+    def stage_path(self, stage: str, suffix: str) -> Path:
+        return self.run_dir / "stages" / f"{stage}.{suffix}"
+
+    def stage_done(self, stage: str) -> dict | None:
+        rec, state = self.stage_path(stage, "json"), self.stage_path(stage, "pt")
+        if rec.exists() and state.exists():
+            return read_json(rec)
+        return None
+
+    def save_stage(self, stage: str, record: dict, model: nn.Module | None, masks: MaskSet | None,
+                   extra: dict | None = None) -> None:
+        self.stages[stage] = record
+        if not is_rank_zero():
+            return
+        state = {"model": model.state_dict() if model is not None else None,
+                 "masks": masks.state_dict() if masks is not None else None, **(extra or {})}
+        atomic_torch_save(state, self.stage_path(stage, "pt"))
+        atomic_write_json(record, self.stage_path(stage, "json"))
+
+    def load_stage(self, stage: str) -> dict:
+        return torch.load(self.stage_path(stage, "pt"), map_location="cpu", weights_only=False)
+
+    # dense cache --------------------------------------------------------------------------------------
+    def dense_key(self) -> str:
+        """Hash of only what determines the dense pretrained model: data, model, pretraining, seed."""
+        ident = identity(self.cfg, keys=["data", "model", "pretrain", "seed"])
+        ident["trainer_precision"] = str(self.cfg.trainer.get("precision", "32-true"))
+        return stable_hash(ident, 16)
+
+    def dense_dir(self) -> Path:
+        return self.cache_dir / "dense" / self.dense_key()
+
+    def clone(self, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model)

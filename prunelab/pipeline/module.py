@@ -1,0 +1,120 @@
+"""The LightningModule that trains every stage: a classifier plus (optionally) a :class:`MaskSet`.
+
+Pruned weights stay exactly zero: gradients of pruned weights are zeroed before the optimiser step and the
+weights re-masked after it (two fused ``_foreach_mul_`` calls per step, no Python loop over parameters).
+Metrics are logged with the stage as prefix: ``pretrain/train/loss``, ``finetune/val/acc``, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from prunelab.pipeline.optim import build_optimizer, build_scheduler
+from prunelab.pruning.masks import MaskSet
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PruneModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        stage: str = "pretrain",
+        masks: MaskSet | None = None,
+        extra_loss: ExtraLoss | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.masks = masks
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler)
+        self.extra_loss = extra_loss
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # steps --------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.extra_loss is not None:
+            extra = self.extra_loss(self.model, x, y, logits)
+            self.log(f"{self.stage}/train/extra_loss", extra, on_step=True, on_epoch=True)
+            loss = loss + extra
+        self.train_acc(logits.detach(), y)
+        self.log(f"{self.stage}/train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log(f"{self.stage}/train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, split: str, metric: MulticlassAccuracy):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{self.stage}/{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log(f"{self.stage}/{split}/acc", metric, on_epoch=True, prog_bar=split == "val", batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc)
+
+    # masks --------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and self.device.type != "cpu" and hasattr(dm, "to_device"):
+            dm.to_device(self.device)
+        if self.masks is not None:
+            self.masks.to(self.device)
+            self.masks.apply(self.model)
+
+    def on_train_epoch_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.masks is not None:
+            self.masks.mask_grads(self.model)
+
+    def optimizer_step(self, *args, **kwargs):
+        out = super().optimizer_step(*args, **kwargs)
+        if self.masks is not None:
+            self.masks.apply(self.model)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.masks is not None:
+            checkpoint["prunelab_masks"] = self.masks.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "prunelab_masks" in checkpoint:
+            self.masks = MaskSet.from_state_dict(checkpoint["prunelab_masks"]).to(self.device)
+
+    # optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = build_optimizer(params, self.optimizer_cfg)
+        steps = int(self.trainer.estimated_stepping_batches)
+        sched_cfg = dict(self.scheduler_cfg)
+        warm_epochs = int(sched_cfg.get("warmup_epochs", 0))
+        if warm_epochs and self.trainer.max_epochs:
+            sched_cfg["warmup_steps"] = steps * warm_epochs // max(1, self.trainer.max_epochs)
+        sched = build_scheduler(opt, sched_cfg, steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

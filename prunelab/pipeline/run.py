@@ -1,0 +1,159 @@
+"""Run one configured experiment end to end and write ``results.json``.
+
+Everything that can be checked is checked before any training starts (options, sparsity, the data files,
+the model against the data's input shape, the output directory), so a bad input fails in seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab.config import TARGETS, identity, stable_hash
+from prunelab.pipeline.context import RunContext, is_rank_zero
+from prunelab.pruning.masks import sparsity_from_options
+from prunelab.utils.io import atomic_write_json, check_writable
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("data", "model", "method", "allocation", "schedule", "finetune")
+
+
+def _check_target_options(group: str, node: DictConfig) -> None:
+    """Unknown option in a ``_target_`` group: a clear error naming the option and the allowed ones."""
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        raise ValueError(f"config group {group!r} must set _target_")
+    target = node["_target_"]
+    fn = get_class(target) if not target.endswith("build_model") else None
+    if fn is None:
+        return  # build_model forwards **kwargs to the architecture factory, which checks them
+    sig = inspect.signature(fn)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    allowed = [p for p in sig.parameters if p != "self"]
+    for key in node:
+        if key.startswith("_"):
+            continue
+        if key not in allowed:
+            raise ValueError(f"{group}.{key} is not an option of {target}; allowed options: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> float:
+    """Checks that need no data or model. Returns the target sparsity."""
+    sparsity = sparsity_from_options(cfg.prune.sparsity, cfg.prune.compression)
+    if cfg.prune.target not in TARGETS:
+        raise ValueError(f"prune.target={cfg.prune.target!r}; allowed values: {', '.join(TARGETS)}")
+    if int(cfg.pretrain.epochs) < 0:
+        raise ValueError(f"pretrain.epochs must be >= 0, got {cfg.pretrain.epochs}")
+    for group in GROUPS:
+        _check_target_options(group, cfg[group])
+    return sparsity
+
+
+def build_context(cfg: DictConfig) -> RunContext:
+    sparsity = validate(cfg)
+    run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
+    cache_dir = check_writable(cfg.paths.cache_dir, "paths.cache_dir")
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    # Instantiating the model checks it against the data's input shape (a zero batch goes through it).
+    instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
+    scorer = instantiate(cfg.method)
+    allocation = instantiate(cfg.allocation)
+    finetune = instantiate(cfg.finetune)
+    loggers = []
+    if cfg.get("logger"):
+        for name, lg in cfg.logger.items():
+            if lg is not None and "_target_" in lg:
+                loggers.append(instantiate(lg))
+    callbacks = list(cfg.get("callbacks") or {}).copy() if cfg.get("callbacks") else []
+    return RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, datamodule=dm, scorer=scorer,
+                      allocation=allocation, finetune=finetune, sparsity=sparsity, loggers=loggers,
+                      callbacks_cfg=[cfg.callbacks[k] for k in callbacks])
+
+
+def final_metrics(ctx: RunContext) -> dict[str, Any]:
+    """The ``final`` block of results.json from the stage records."""
+    ft = ctx.stages.get("finetune", {}).get("metrics", {})
+    pr = ctx.stages.get("prune", {}).get("metrics", {})
+    pre = ctx.stages.get("pretrain", {}).get("metrics", {})
+    src = ft if "finetune/params/total" in ft else {k.replace("prune/", "finetune/"): v for k, v in pr.items()}
+
+    def g(key, default=None):
+        return src.get(f"finetune/{key}", default)
+
+    final = {
+        "test_acc": ft.get("finetune/test/acc", pr.get("prune/test/acc")),
+        "test_loss": ft.get("finetune/test/loss", pr.get("prune/test/loss")),
+        "pretrain_test_acc": pre.get("pretrain/test/acc"),
+        "prune_test_acc": pr.get("prune/test/acc"),
+        "sparsity_direct": g("sparsity/direct"),
+        "compression_direct": g("compression/direct"),
+        "sparsity_effective": g("sparsity/effective"),
+        "compression_effective": g("compression/effective"),
+        "layer_collapse": bool(g("layer_collapse", 0.0)),
+        "params_total": g("params/total"),
+        "params_remaining": g("params/remaining"),
+        "flops_dense": g("flops/dense"),
+        "flops_remaining": g("flops/remaining"),
+        "sparsity_target": ctx.sparsity,
+        "target": str(ctx.cfg.prune.target),
+    }
+    final.update(ctx.extra_final)
+    return final
+
+
+def layer_rows(ctx: RunContext, masks) -> list[dict]:
+    eff = ctx.stages.get("prune", {}).get("layers_effective", {})
+    rows = masks.layer_stats() if masks is not None else []
+    for row in rows:
+        row["effective_remaining"] = eff.get(row["name"])
+    return rows
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured experiment; returns the results dict (also written to ``results.json``)."""
+    start = time.perf_counter()
+    ctx = build_context(cfg)
+    results_file = Path(ctx.run_dir) / "results.json"
+    schedule = instantiate(cfg.schedule)
+    log.info("run dir: %s", ctx.run_dir)
+    model, masks = schedule.run(ctx)
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "run_id": stable_hash(identity(cfg)),
+        "final": final_metrics(ctx),
+        "stages": ctx.stages,
+        "layers": layer_rows(ctx, masks),
+        "wall_time_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
+    for lg in ctx.loggers:
+        lg.log_hyperparams({"final/" + k: v for k, v in results["final"].items()
+                            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))})
+        lg.finalize("success")
+    if is_rank_zero():
+        atomic_write_json(results, results_file)
+        _finish_wandb(ctx)
+    results["results_file"] = str(results_file)
+    return results
+
+
+def _finish_wandb(ctx: RunContext) -> None:
+    for lg in ctx.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if lg._experiment is not None:
+                lg.experiment.summary.update({k: v for k, v in final_metrics(ctx).items()
+                                              if isinstance(v, (int, float, bool))})
+            wandb.finish()

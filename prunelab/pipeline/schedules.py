@@ -1,0 +1,111 @@
+"""Schedules (the ``schedule`` config group): the order in which stages run.
+
+- ``oneshot``: pretrain (cached) -> score the trained weights -> prune -> fine-tune.
+- ``at_init``: score the initial weights -> prune -> train the sparse network from init (no pretraining;
+  the "fine-tune" stage is the full training, so it uses ``pretrain.epochs`` / optimiser / scheduler when
+  ``finetune.epochs`` is left at null... see ``AtInit.train_from``).
+- ``iterative``: lottery-ticket style: N rounds of prune -> rewind -> retrain, the sparsity after round r
+  being 1 - (1 - s)^(r/N) (geometric in density), weights rewound to init or to epoch k of pretraining.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prunelab.pipeline.context import RunContext
+from prunelab.pipeline.stages import prune_stage, pretrain, train_stage
+
+log = logging.getLogger(__name__)
+
+
+class Schedule:
+    name = "base"
+
+    def run(self, ctx: RunContext):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({vars(self)})"
+
+
+class OneShot(Schedule):
+    name = "oneshot"
+
+    def run(self, ctx: RunContext):
+        model, _, _ = pretrain(ctx)
+        teacher = ctx.clone(model).eval()
+        masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
+        ft = ctx.finetune
+        return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
+
+
+class AtInit(Schedule):
+    """Prune at initialisation (SNIP, GraSP, SynFlow, random...), then train the sparse network.
+
+    ``train_from``: ``pretrain`` (default) trains the sparse network with the pretraining recipe
+    (``pretrain.epochs``, optimiser, scheduler), as pruning-at-init papers do; ``finetune`` uses the
+    fine-tuning recipe instead."""
+
+    name = "at_init"
+
+    def __init__(self, train_from: str = "pretrain"):
+        if train_from not in ("pretrain", "finetune"):
+            raise ValueError(f"schedule.train_from={train_from!r}; allowed values: pretrain, finetune")
+        self.train_from = train_from
+
+    def run(self, ctx: RunContext):
+        model = ctx.build_model()
+        masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
+        recipe = ctx.cfg.pretrain if self.train_from == "pretrain" else None
+        ft = ctx.finetune
+        epochs = int(recipe.epochs) if recipe is not None else ft.epochs
+        opt = recipe.optimizer if recipe is not None else ft.optimizer
+        sched = recipe.scheduler if recipe is not None else ft.scheduler
+        return train_stage(ctx, model, masks, "finetune", epochs, opt, sched, teacher=None)
+
+
+class Iterative(Schedule):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020)."""
+
+    name = "iterative"
+
+    def __init__(self, rounds: int = 3, rewind_epoch: int | None = 0, round_epochs: int | None = None):
+        if int(rounds) < 1:
+            raise ValueError(f"schedule.rounds must be >= 1, got {rounds}")
+        if rewind_epoch is not None and int(rewind_epoch) < 0:
+            raise ValueError(f"schedule.rewind_epoch must be null or >= 0, got {rewind_epoch}")
+        self.rounds = int(rounds)
+        self.rewind_epoch = None if rewind_epoch is None else int(rewind_epoch)
+        self.round_epochs = round_epochs
+
+    def round_sparsities(self, sparsity: float) -> list[float]:
+        return [1.0 - (1.0 - sparsity) ** (r / self.rounds) for r in range(1, self.rounds + 1)]
+
+    def run(self, ctx: RunContext):
+        if self.rewind_epoch is not None and self.rewind_epoch > int(ctx.cfg.pretrain.epochs):
+            raise ValueError(f"schedule.rewind_epoch={self.rewind_epoch} exceeds pretrain.epochs")
+        model, init_state, _ = pretrain(ctx, rewind_epoch=self.rewind_epoch or None)
+        teacher = ctx.clone(model).eval()
+        rewind_state = None
+        if self.rewind_epoch == 0:
+            rewind_state = init_state
+        elif self.rewind_epoch:
+            import torch
+
+            rewind_state = torch.load(ctx.dense_dir() / f"rewind_epoch{self.rewind_epoch}.pt",
+                                      map_location="cpu", weights_only=True)
+        masks = ctx.new_masks(model)
+        epochs = int(self.round_epochs if self.round_epochs is not None else ctx.cfg.pretrain.epochs)
+        ft = ctx.finetune
+        sparsities = self.round_sparsities(ctx.sparsity)
+        for r, s in enumerate(sparsities, start=1):
+            masks = prune_stage(ctx, model, masks, s, stage=f"prune_round{r}")
+            if rewind_state is not None:
+                model.load_state_dict(rewind_state)
+                masks.apply(model)
+            if r < self.rounds:
+                model, masks = train_stage(ctx, model, masks, f"retrain_round{r}", epochs,
+                                           ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler,
+                                           use_strategy=False)
+        ctx.stages["prune"] = ctx.stages[f"prune_round{self.rounds}"]
+        return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)

@@ -1,0 +1,11 @@
+"""Magnitude pruning (Han et al. 2015; Frankle & Carbin 2019): score = |w|."""
+
+from __future__ import annotations
+
+from prunelab.pruning.scorers.base import Scorer, register_scorer
+
+
+@register_scorer("magnitude")
+class MagnitudeScorer(Scorer):
+    def score(self, model, masks, batches=()):
+        return {n: model.get_parameter(n).detach().abs() for n in masks}

@@ -1,0 +1,42 @@
+"""The summary table printed at the end of a run (rich)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="prunelab: final", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results["final"].items():
+        if v is not None:
+            table.add_row(k, _fmt(v))
+    console.print(table)
+    stages = Table(title="stages", show_header=True, header_style="bold")
+    for col in ("stage", "test acc", "cached", "time (s)"):
+        stages.add_column(col)
+    for name, rec in results.get("stages", {}).items():
+        m = rec.get("metrics", {})
+        t = m.get(f"{name}/train_time_s", m.get(f"{name}/time_s", rec.get("train_time_s")))
+        stages.add_row(name, _fmt(m.get(f"{name}/test/acc")), str(rec.get("cached", False)), _fmt(t))
+    console.print(stages)
+    if "results_file" in results:
+        console.print(f"results: [bold]{results['results_file']}[/bold]")
