@@ -26,12 +26,19 @@ register_resolvers()
 log = logging.getLogger("prunelab")
 
 
+def quiet_lightning() -> None:
+    """Lightning's INFO banners (GPU available, tips, 'fit stopped') drown the run's own log."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     from prunelab.pipeline.run import run_pipeline
     from prunelab.report.summary import print_summary
+
+    quiet_lightning()
 
     results = run_pipeline(cfg)
     print_summary(results)

@@ -80,6 +80,7 @@ class PrunelabConfig:
     logger: Any = None
     experiment: Any = None
     hparams_search: Any = None
+    callbacks: Any = field(default_factory=dict)  # extra Lightning callbacks: {name: {_target_: ...}}
 
 
 TARGETS = ("direct", "effective")
@@ -87,7 +88,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
-NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment"}
+NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks"}
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
 
 

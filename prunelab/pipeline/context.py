@@ -80,7 +80,8 @@ class RunContext:
     def trainer(self, stage: str, epochs: int, ckpt_dir: Path | None = None) -> pl.Trainer:
         callbacks: list = [instantiate(c) for c in self.callbacks_cfg] + list(self.callbacks_extra)
         if ckpt_dir is not None:
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+            # no monitor + save_top_k=1: the latest epoch, overwritten each epoch, as ``last.ckpt``
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                              every_n_epochs=1, enable_version_counter=False))
         if self.cfg.trainer.get("enable_progress_bar", True):
             callbacks.append(RichProgressBar(leave=False))
@@ -108,6 +109,8 @@ class RunContext:
         if last.exists():
             log.info("%s: resuming from %s", module.stage, last)
         trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if last.exists() else None)
+        if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful stop: the stage is not done
+            raise KeyboardInterrupt(f"{module.stage} interrupted; re-run the same command to resume")
         return time.perf_counter() - start
 
     def evaluate(self, model: nn.Module, stage: str, masks: MaskSet | None = None) -> dict[str, float]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from prunelab.config import TARGETS, identity, stable_hash
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
-from prunelab.utils.io import atomic_write_json, check_writable
+from prunelab.utils.io import atomic_write_json, check_writable, read_json
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,26 @@ def validate(cfg: DictConfig) -> float:
     return sparsity
 
 
+def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Stage records in ``run_dir`` are reused on re-runs, so the folder must belong to this configuration:
+    ``run.json`` records the run's hash; another configuration's folder is an error, not silently reused."""
+    run_id = stable_hash(identity(cfg))
+    marker = run_dir / "run.json"
+    if marker.exists():
+        other = read_json(marker).get("run_id")
+        if other != run_id:
+            raise ValueError(
+                f"paths.output_dir={run_dir} holds a run of another configuration (run_id {other}, this one is "
+                f"{run_id}); choose another output directory or delete that one"
+            )
+    elif is_rank_zero():
+        atomic_write_json({"run_id": run_id, "identity": identity(cfg)}, marker)
+
+
 def build_context(cfg: DictConfig) -> RunContext:
     sparsity = validate(cfg)
     run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
+    claim_run_dir(run_dir, cfg)
     cache_dir = check_writable(cfg.paths.cache_dir, "paths.cache_dir")
     dm = instantiate(cfg.data)
     dm.prepare_data()

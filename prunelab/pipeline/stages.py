@@ -48,7 +48,7 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 
     model = ctx.build_model()
     # Only global rank 0 takes the lock: under DDP the other ranks must join the same training run.
-    lock = file_lock(cache.parent / f"{cache.name}.lock") if is_rank_zero() else _nullcontext()
+    lock = file_lock(ctx.cache_dir / "locks" / f"{cache.name}.lock") if is_rank_zero() else _nullcontext()
     with lock:
         init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cached():

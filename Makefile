@@ -1,0 +1,40 @@
+# prunelab: `make demo` and `make test` install everything first (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast lint bench clean
+
+# The registry has no CPU build of torchvision: the regular (CUDA) torch/torchvision wheels install and run
+# on CPU; constraints.txt keeps the pair consistent. Re-runs only when pyproject/constraints change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prunelab experiment=demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check prunelab tests scripts
+
+bench: $(STAMP)
+	$(PY) scripts/bench_masked_step.py
+	$(PY) scripts/bench_pretrain_epoch.py
+	-$(PY) scripts/bench_effective.py
+	-$(PY) scripts/bench_structured.py --quick
+	-$(PY) scripts/bench_overparam.py
+	-$(PY) scripts/bench_dllp.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,56 @@
+"""Shared fixtures: compose the real configs (as the CLI does) with test overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from prunelab.cli import CONFIG_DIR, quiet_lightning
+from prunelab.config import register_configs, register_resolvers
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_configs()
+register_resolvers()
+
+# One batch per stage, tiny synthetic data, no progress bar: fast end-to-end runs.
+FAST = [
+    "data=synthetic",
+    "data.num_train=256",
+    "data.num_test=64",
+    "data.batch_size=32",
+    "pretrain.epochs=1",
+    "finetune.epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+def compose_config(root: Path, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root = str(root)
+        cfg.paths.output_dir = str(output_dir or root / "run")
+        del cfg["hydra"]
+    quiet_lightning()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides: str, fast: bool = True, output_dir: Path | None = None) -> DictConfig:
+        return compose_config(tmp_path, (FAST if fast else []) + list(overrides), output_dir)
+
+    return _make

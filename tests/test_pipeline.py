@@ -1,0 +1,149 @@
+"""End-to-end runs of the pipeline on tiny synthetic data, caching, resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from prunelab.pipeline.run import run_pipeline
+from prunelab.pruning.masks import MaskSet
+
+MODELS = [
+    ("lenet_300_100", "[1,28,28]"),
+    ("mlp", "[1,28,28]"),
+    ("lenet5", "[1,28,28]"),
+    ("vgg19", "[3,32,32]"),
+    ("resnet18", "[3,32,32]"),
+    ("resnet20", "[3,32,32]"),
+    ("resnet56", "[3,32,32]"),
+    ("resnet50", "[3,32,32]"),
+]
+
+
+@pytest.mark.parametrize("model,shape", MODELS)
+def test_end_to_end_every_model(make_cfg, model, shape):
+    cfg = make_cfg(f"model={model}", f"data.input_shape={shape}", "data.batch_size=8",
+                   "trainer.limit_train_batches=1", "prune.sparsity=0.8")
+    res = run_pipeline(cfg)
+    final = res["final"]
+    assert final["sparsity_direct"] == pytest.approx(0.8, abs=1e-3)
+    assert final["sparsity_effective"] >= final["sparsity_direct"] - 1e-12
+    assert 0.0 <= final["test_acc"] <= 1.0
+    assert final["params_remaining"] < final["params_total"]
+    assert final["flops_remaining"] < final["flops_dense"]
+    data = json.loads(open(res["results_file"]).read())
+    assert set(data) >= {"config", "final", "stages", "layers"}
+    assert {"name", "shape", "numel", "remaining", "effective_remaining"} <= set(data["layers"][0])
+    assert sum(r["numel"] - r["remaining"] for r in data["layers"]) == pytest.approx(
+        0.8 * sum(r["numel"] for r in data["layers"]), abs=1)
+
+
+def test_timm_model_end_to_end(make_cfg):
+    res = run_pipeline(make_cfg("model=timm", "model.arch=resnet10t", "data.input_shape=[3,32,32]",
+                                "data.batch_size=8", "trainer.limit_train_batches=1"))
+    assert res["final"]["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_results_json_contents(make_cfg):
+    res = run_pipeline(make_cfg("prune.compression=20", "prune.sparsity=null"))
+    final = res["final"]
+    for key in ("test_acc", "sparsity_direct", "compression_direct", "params_total", "params_remaining",
+                "flops_dense", "flops_remaining", "sparsity_effective", "compression_effective"):
+        assert final[key] is not None, key
+    assert final["compression_direct"] == pytest.approx(20, rel=1e-3)
+    assert set(res["stages"]) == {"pretrain", "prune", "finetune"}
+    assert "pretrain/test/acc" in res["stages"]["pretrain"]["metrics"]
+    assert "finetune/test/acc" in res["stages"]["finetune"]["metrics"]
+    assert "prune/sparsity/direct" in res["stages"]["prune"]["metrics"]
+    assert res["config"]["prune"]["compression"] == 20
+
+
+def test_final_model_respects_masks(make_cfg, tmp_path):
+    res = run_pipeline(make_cfg("prune.sparsity=0.95", "finetune.epochs=2"))
+    state = torch.load(tmp_path / "run" / "stages" / "finetune.pt", weights_only=False)
+    masks = MaskSet.from_state_dict(state["masks"])
+    for name, m in masks.items():
+        assert torch.all(state["model"][name][~m] == 0)
+    assert res["final"]["sparsity_direct"] == pytest.approx(0.95, abs=1e-3)
+
+
+def test_cache_second_sparsity_does_not_pretrain(make_cfg, tmp_path):
+    r1 = run_pipeline(make_cfg("prune.sparsity=0.5", output_dir=tmp_path / "a"))
+    assert r1["stages"]["pretrain"]["cached"] is False
+    r2 = run_pipeline(make_cfg("prune.sparsity=0.9", "method=random", output_dir=tmp_path / "b"))
+    assert r2["stages"]["pretrain"]["cached"] is True
+    assert r2["stages"]["pretrain"]["metrics"] == r1["stages"]["pretrain"]["metrics"]
+    # another seed is another dense model
+    r3 = run_pipeline(make_cfg("prune.sparsity=0.9", "seed=1", output_dir=tmp_path / "c"))
+    assert r3["stages"]["pretrain"]["cached"] is False
+    assert len(list((tmp_path / "outputs" / "cache" / "dense").iterdir())) == 2
+
+
+def test_rerun_skips_finished_stages(make_cfg, tmp_path):
+    cfg = make_cfg()
+    r1 = run_pipeline(cfg)
+    r2 = run_pipeline(make_cfg())
+    assert r2["final"] == r1["final"]
+    assert r2["stages"]["pretrain"]["cached"] is True
+
+
+class Interrupt(pl.Callback):
+    """Simulates a crash (pre-emption) after ``epoch`` finished epochs of the fine-tuning stage."""
+
+    def __init__(self, stage: str = "finetune", epoch: int = 1):
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if module.stage == self.stage and trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated pre-emption")
+
+
+def test_resume_interrupted_finetune(make_cfg, tmp_path):
+    overrides = ["finetune.epochs=3", "+callbacks.interrupt._target_=tests.test_pipeline.Interrupt",
+                 "+callbacks.interrupt.epoch=2"]
+    cfg = make_cfg(*overrides)
+    with pytest.raises(RuntimeError, match="simulated pre-emption"):
+        run_pipeline(cfg)
+    last = tmp_path / "run" / "checkpoints" / "finetune" / "last.ckpt"
+    assert last.exists()
+    ck = torch.load(last, weights_only=False)
+    assert ck["epoch"] == 1  # two epochs done (0-based index of the last finished one)
+    assert "prunelab_masks" in ck
+    assert not (tmp_path / "run" / "results.json").exists()
+    # resume without the interruption: fine-tuning continues at epoch 3, pruning is not redone
+    cfg = make_cfg("finetune.epochs=3")
+    res = run_pipeline(cfg)
+    assert res["final"]["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
+    assert not last.exists()  # checkpoints of a finished stage are cleaned up
+    assert res["stages"]["pretrain"]["cached"] is True
+
+
+def test_at_init_and_iterative_schedules(make_cfg, tmp_path):
+    r = run_pipeline(make_cfg("schedule=at_init", "method=random", "allocation=uniform", output_dir=tmp_path / "a"))
+    assert "pretrain" not in r["stages"]
+    assert r["final"]["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
+    r = run_pipeline(make_cfg("schedule=iterative", "schedule.rounds=3", "prune.sparsity=0.875",
+                              "schedule.round_epochs=1", output_dir=tmp_path / "b"))
+    sp = [r["stages"][f"prune_round{i}"]["metrics"][f"prune_round{i}/sparsity/direct"] for i in (1, 2, 3)]
+    assert sp == pytest.approx([0.5, 0.75, 0.875], abs=1e-3)  # geometric in density: 1/2, 1/4, 1/8
+    assert r["final"]["sparsity_direct"] == pytest.approx(0.875, abs=1e-3)
+
+
+def test_iterative_rewinds_to_init(make_cfg, tmp_path):
+    r = run_pipeline(make_cfg("schedule=iterative", "schedule.rounds=1", "schedule.rewind_epoch=0",
+                              "finetune.epochs=0", "prune.sparsity=0.5"))
+    init = torch.load(next((tmp_path / "outputs" / "cache" / "dense").iterdir()) / "init.pt")
+    final = torch.load(tmp_path / "run" / "stages" / "finetune.pt", weights_only=False)
+    masks = final["masks"]
+    for name, m in masks.items():
+        assert torch.equal(final["model"][name], init[name] * m)
+    assert r["final"]["sparsity_direct"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_output_dir_of_another_config_is_refused(make_cfg):
+    run_pipeline(make_cfg("prune.sparsity=0.5"))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_pipeline(make_cfg("prune.sparsity=0.6"))
