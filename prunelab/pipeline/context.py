@@ -43,6 +43,7 @@ class RunContext:
     scorer: Scorer
     allocation: Allocation
     finetune: Finetune
+    schedule: Any
     sparsity: float
     loggers: list
     callbacks_cfg: list = field(default_factory=list)

@@ -40,6 +40,7 @@ class PruneModule(pl.LightningModule):
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)
         self.extra_loss = extra_loss
+        self.mask_sync: dict | None = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -82,7 +83,20 @@ class PruneModule(pl.LightningModule):
             dm.to_device(self.device)
         if self.masks is not None:
             self.masks.to(self.device)
+            if self.trainer.world_size > 1:
+                self._sync_masks()
             self.masks.apply(self.model)
+
+    def _sync_masks(self) -> None:
+        """Masks must be identical on every rank: compare digests, and broadcast rank 0's on a mismatch."""
+        digest = torch.tensor([self.masks.digest()], device=self.device)
+        gathered = self.trainer.strategy.all_gather(digest).flatten().tolist()
+        identical = all(d == gathered[0] for d in gathered)
+        if not identical:
+            state = self.trainer.strategy.broadcast(self.masks.state_dict(), src=0)
+            self.masks = MaskSet.from_state_dict(state).to(self.device)
+        self.mask_sync = {"world_size": self.trainer.world_size, "digests": gathered,
+                          "identical_before_sync": identical}
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

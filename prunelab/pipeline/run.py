@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.config import TARGETS, identity, stable_hash
+from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
 from prunelab.utils.io import atomic_write_json, check_writable, read_json
@@ -55,6 +56,12 @@ def validate(cfg: DictConfig) -> float:
         raise ValueError(f"pretrain.epochs must be >= 0, got {cfg.pretrain.epochs}")
     for group in GROUPS:
         _check_target_options(group, cfg[group])
+    recipes = [("pretrain", cfg.pretrain)] + ([("finetune", cfg.finetune)] if "optimizer" in cfg.finetune else [])
+    for prefix, node in recipes:
+        if node.optimizer.name not in OPTIMIZERS:
+            raise ValueError(f"{prefix}.optimizer.name={node.optimizer.name!r}; allowed values: {', '.join(OPTIMIZERS)}")
+        if node.scheduler.name not in SCHEDULERS:
+            raise ValueError(f"{prefix}.scheduler.name={node.scheduler.name!r}; allowed values: {', '.join(SCHEDULERS)}")
     return sparsity
 
 
@@ -74,28 +81,42 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         atomic_write_json({"run_id": run_id, "identity": identity(cfg)}, marker)
 
 
+def _instantiate(node, **kwargs):
+    """``hydra.utils.instantiate`` that re-raises the target's own error (Hydra wraps it in an
+    InstantiationException whose message buries the option name)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, TypeError, FileNotFoundError, PermissionError, KeyError)):
+            raise cause from None
+        raise
+
+
 def build_context(cfg: DictConfig) -> RunContext:
     sparsity = validate(cfg)
     run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
     claim_run_dir(run_dir, cfg)
     cache_dir = check_writable(cfg.paths.cache_dir, "paths.cache_dir")
-    dm = instantiate(cfg.data)
+    # Cheap objects first (their constructors check their options), then the data, then the model.
+    scorer = _instantiate(cfg.method)
+    allocation = _instantiate(cfg.allocation)
+    finetune = _instantiate(cfg.finetune)
+    schedule = _instantiate(cfg.schedule)
+    dm = _instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     # Instantiating the model checks it against the data's input shape (a zero batch goes through it).
-    instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
-    scorer = instantiate(cfg.method)
-    allocation = instantiate(cfg.allocation)
-    finetune = instantiate(cfg.finetune)
+    _instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
     loggers = []
     if cfg.get("logger"):
         for name, lg in cfg.logger.items():
             if lg is not None and "_target_" in lg:
-                loggers.append(instantiate(lg))
+                loggers.append(_instantiate(lg))
     callbacks = list(cfg.get("callbacks") or {}).copy() if cfg.get("callbacks") else []
     return RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, datamodule=dm, scorer=scorer,
-                      allocation=allocation, finetune=finetune, sparsity=sparsity, loggers=loggers,
-                      callbacks_cfg=[cfg.callbacks[k] for k in callbacks])
+                      allocation=allocation, finetune=finetune, schedule=schedule, sparsity=sparsity,
+                      loggers=loggers, callbacks_cfg=[cfg.callbacks[k] for k in callbacks])
 
 
 def final_metrics(ctx: RunContext) -> dict[str, Any]:
@@ -142,9 +163,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     ctx = build_context(cfg)
     results_file = Path(ctx.run_dir) / "results.json"
-    schedule = instantiate(cfg.schedule)
     log.info("run dir: %s", ctx.run_dir)
-    model, masks = schedule.run(ctx)
+    model, masks = ctx.schedule.run(ctx)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "run_id": stable_hash(identity(cfg)),

@@ -155,6 +155,8 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     if masks is not None:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
     record = {"metrics": metrics, "epochs": epochs, "strategy": info}
+    if module.mask_sync is not None:
+        record["mask_sync"] = module.mask_sync
     ctx.log_metrics(metrics)
     structural = bool(info.get("structural_change"))
     ctx.save_stage(stage, record, model, masks, extra={"module": model} if structural else None)

@@ -141,6 +141,16 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> MaskSet:
         return cls(state)
 
+    def digest(self) -> int:
+        """A 60-bit content hash (names and bits), to compare masks across processes cheaply."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self._masks):
+            h.update(k.encode())
+            h.update(self._masks[k].detach().cpu().contiguous().numpy().tobytes())
+        return int(h.hexdigest()[:15], 16)
+
     def equal(self, other: Mapping[str, torch.Tensor]) -> bool:
         return set(self) == set(other) and all(torch.equal(self[k].cpu(), other[k].cpu()) for k in self)
 

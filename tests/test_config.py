@@ -1,0 +1,96 @@
+"""Every config option composes; bad input fails early with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import ValidationError
+
+from prunelab.cli import CONFIG_DIR
+from prunelab.pipeline.run import run_pipeline, validate
+
+GROUPS = ["data", "model", "method", "allocation", "schedule", "finetune", "trainer", "logger", "experiment",
+          "hparams_search"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(make_cfg, group, option):
+    extra = ["data.path=/nonexistent.npz"] if (group, option) == ("data", "npz") else []
+    cfg = make_cfg(f"{group}={option}", *extra, fast=False)
+    assert cfg.prune.target in ("direct", "effective")
+    if group in ("method", "allocation", "schedule", "finetune"):
+        instantiate(cfg[group])  # constructs: the YAML's options are the class's options
+    if group == "model":
+        assert cfg.model.name
+
+
+def test_every_method_config_is_a_registered_scorer():
+    from prunelab.pruning.scorers import load_all
+
+    names = load_all()
+    for opt in options("method"):
+        node = (Path(CONFIG_DIR) / "method" / f"{opt}.yaml").read_text()
+        if "prunelab.pruning.scorers." in node:
+            assert opt in names, opt
+
+
+def test_defaults(make_cfg):
+    cfg = make_cfg(fast=False)
+    assert cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.model.name == "lenet_300_100"
+    assert cfg.prune.sparsity == 0.9 and cfg.prune.compression is None
+    assert validate(cfg) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["prune.sparsity=1.0"], r"prune.sparsity must be in \[0, 1\)"),
+        (["prune.sparsity=-0.1"], r"prune.sparsity must be in \[0, 1\)"),
+        (["prune.compression=10"], "not both"),
+        (["prune.sparsity=null", "prune.compression=0.5"], r"prune.compression must be a finite number >= 1"),
+        (["prune.target=sideways"], "prune.target='sideways'; allowed values: direct, effective"),
+        (["+method.foo=1"], r"method.foo is not an option of .*MagnitudeScorer"),
+        (["allocation=uniform_plus", "+allocation.maxlast=1"], r"allocation.maxlast is not an option.*max_last"),
+        (["pretrain.optimizer.name=lbfgs"], r"optimizer.name='lbfgs'; allowed values: sgd, adam, adamw"),
+        (["model=lenet5", "data.input_shape=[1,8,8]"], r"model=lenet5 does not fit the data"),
+        (["schedule=iterative", "schedule.rounds=0"], r"schedule.rounds must be >= 1"),
+    ],
+)
+def test_bad_input_fails_before_training(make_cfg, tmp_path, overrides, match):
+    cfg = make_cfg(*overrides)
+    with pytest.raises((ValueError, TypeError), match=match):
+        run_pipeline(cfg)
+    assert not (tmp_path / "outputs" / "cache" / "dense").exists()  # nothing was trained
+
+
+def test_missing_dataset_offline(make_cfg, tmp_path):
+    cfg = make_cfg("data=mnist", "data.download=false", "logger=none", fast=False)
+    with pytest.raises(FileNotFoundError) as e:
+        run_pipeline(cfg)
+    msg = str(e.value)
+    assert str(tmp_path / "data") in msg and "download" in msg
+
+
+def test_unwritable_output_dir(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = make_cfg(output_dir=blocker / "run")
+    with pytest.raises(PermissionError, match="paths.output_dir"):
+        run_pipeline(cfg)
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="sparsty"):
+        make_cfg("prune.sparsty=0.5")
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        make_cfg("prune.sparsity=abc")
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        make_cfg("method=nonexistent")
