@@ -1,0 +1,58 @@
+"""Read back what an offline W&B run logged, from its ``run-*.wandb`` file (no network, no server).
+
+The file is W&B's transaction log: a 7-byte header (":W&B", magic, version), then LevelDB-style log records
+in 32 KiB blocks, each chunk with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)
+and a serialized ``wandb_internal_pb2.Record`` as payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32768
+HEADER = 7
+
+
+def _records(data: bytes) -> list[bytes]:
+    records, pending, pos = [], b"", HEADER
+    while pos + HEADER <= len(data):
+        if BLOCK - pos % BLOCK < HEADER:  # block trailer too small for a header: zero padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        payload = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 1:
+            records.append(payload)
+        elif kind == 2:
+            pending = payload
+        elif kind == 3:
+            pending += payload
+        elif kind == 4:
+            records.append(pending + payload)
+    return records
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """``{"history": [ {key: value}, ... ], "summary": {key: value}}`` of an offline run (a ``.wandb``
+    file or the ``offline-run-*`` folder holding one)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(path)
+    if path.is_dir():
+        path = next(path.glob("*.wandb"))
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for raw in _records(path.read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            for i in rec.summary.update:
+                summary[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return {"history": history, "summary": summary}
