@@ -25,6 +25,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad_norm: float | None = None
 
 
 @dataclass

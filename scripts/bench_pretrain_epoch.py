@@ -1,0 +1,82 @@
+"""One prunelab pretraining epoch vs a plain hand-written PyTorch loop: same model (LeNet-300-100), same
+MNIST-sized data (60,000 synthetic 1x28x28 images held as tensors), same batch size and optimiser.
+
+prunelab's epoch is the real thing: a Lightning Trainer fitting PruneModule on the SyntheticDataModule (batches
+served by index, normalised in ``on_after_batch_transfer``), no validation, no logger. Target: ratio <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import machine  # noqa: E402
+
+from prunelab.cli import quiet_lightning  # noqa: E402
+from prunelab.data import SyntheticDataModule  # noqa: E402
+from prunelab.models import build_model  # noqa: E402
+from prunelab.pipeline.module import PruneModule  # noqa: E402
+
+OPT = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def prunelab_epoch(dm, batch: int) -> float:
+    model = build_model("lenet_300_100", (1, 28, 28), 10)
+    module = PruneModule(model, 10, OPT, {"name": "constant"})
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    t = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - t
+
+
+def plain_epoch(dm, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    model = build_model("lenet_300_100", (1, 28, 28), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    t = time.perf_counter()
+    perm = torch.randperm(len(x))
+    model.train()
+    for i in range(len(x) // batch):
+        idx = perm[i * batch:(i + 1) * batch]
+        xb, yb = dm.process_batch(x[idx], y[idx], train=True)  # the same uint8 -> float normalisation
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    quiet_lightning()
+    dm = SyntheticDataModule(data_dir="/tmp", input_shape=[1, 28, 28], num_classes=10, num_train=66_667,
+                             num_test=1000, batch_size=args.batch, val_fraction=0.1)
+    dm.setup("fit")
+    x, y = dm.split("train")
+    times = {"prunelab": [], "plain": []}
+    prunelab_epoch(dm, args.batch)  # warm-up
+    for _ in range(args.repeats):
+        times["prunelab"].append(prunelab_epoch(dm, args.batch))
+        times["plain"].append(plain_epoch(dm, x, y, args.batch))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# pretraining epoch: prunelab (Lightning) vs plain PyTorch loop\nmachine: {machine()}\n")
+    print(f"LeNet-300-100, {len(x)} training images 1x28x28, batch {args.batch}, SGD momentum")
+    print("| loop | epoch s (median) |\n|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} |")
+    print(f"\nratio prunelab / plain: {med['prunelab'] / med['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
