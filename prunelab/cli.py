@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -39,10 +41,37 @@ def _main(cfg: DictConfig) -> float | None:
     from prunelab.report.summary import print_summary
 
     quiet_lightning()
-
-    results = run_pipeline(cfg)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    if not _is_multirun():
+        results = run_pipeline(cfg)
+        print_summary(results)
+        return results["final"].get("test_acc")
+    # In a sweep a failing job must not stop the others: its traceback goes to <job dir>/error.txt and the
+    # log, and the sweep goes on (re-running the sweep retries it).
+    try:
+        results = run_pipeline(cfg)
+    except Exception:
+        trace = traceback.format_exc()
+        log.error("job failed:\n%s", trace)
+        try:
+            out = Path(cfg.paths.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(trace)
+        except OSError:
+            pass
+        return float("nan")
+    error_file = Path(cfg.paths.output_dir) / "error.txt"
+    if error_file.exists():
+        error_file.unlink()
     print_summary(results)
     return results["final"].get("test_acc")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

@@ -85,9 +85,12 @@ def test_cache_second_sparsity_does_not_pretrain(make_cfg, tmp_path):
 def test_rerun_skips_finished_stages(make_cfg, tmp_path):
     cfg = make_cfg()
     r1 = run_pipeline(cfg)
-    r2 = run_pipeline(make_cfg())
-    assert r2["final"] == r1["final"]
-    assert r2["stages"]["pretrain"]["cached"] is True
+    r2 = run_pipeline(make_cfg())  # finished: nothing runs, the stored results come back
+    assert r2["final"] == r1["final"] and r2["skipped"] is True
+    (tmp_path / "run" / "results.json").unlink()  # only the last step lost: stages are loaded, not re-run
+    r3 = run_pipeline(make_cfg())
+    assert r3["final"] == r1["final"] and "skipped" not in r3
+    assert r3["stages"]["pretrain"]["cached"] is True
 
 
 class Interrupt(pl.Callback):

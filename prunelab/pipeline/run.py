@@ -158,9 +158,27 @@ def layer_rows(ctx: RunContext, masks) -> list[dict]:
     return rows
 
 
+def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
+    """The stored results when this exact configuration already finished in its output folder."""
+    run_dir = Path(cfg.paths.output_dir)
+    marker, results_file = run_dir / "run.json", run_dir / "results.json"
+    if not (marker.exists() and results_file.exists()):
+        return None
+    if read_json(marker).get("run_id") != stable_hash(identity(cfg)):
+        return None  # claim_run_dir reports the clash
+    results = read_json(results_file)
+    results["results_file"] = str(results_file)
+    results["skipped"] = True
+    return results
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured experiment; returns the results dict (also written to ``results.json``)."""
     start = time.perf_counter()
+    done = finished_results(cfg)
+    if done is not None:
+        log.info("already done: %s (delete it to run again)", done["results_file"])
+        return done
     ctx = build_context(cfg)
     results_file = Path(ctx.run_dir) / "results.json"
     log.info("run dir: %s", ctx.run_dir)
