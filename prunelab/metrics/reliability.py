@@ -48,7 +48,9 @@ def _accuracy(probs: Tensor, y: Tensor) -> float:
 
 
 def _ece(probs: Tensor, y: Tensor) -> float:
-    return float(multiclass_calibration_error(probs, y, num_classes=probs.shape[-1], n_bins=ECE_BINS, norm="l1"))
+    return float(
+        multiclass_calibration_error(probs, y, num_classes=probs.shape[-1], n_bins=ECE_BINS, norm="l1")
+    )
 
 
 @torch.no_grad()

@@ -1,0 +1,740 @@
+"""BMRS: Bayesian model reduction for structured pruning (Wright, Igel, Selvan, NeurIPS 2024, arXiv 2406.01345).
+
+Every prunable unit (a neuron, a conv filter's output map, a hidden dimension) gets a multiplicative noise
+variable ``theta`` on ``[a, b]`` with a truncated log-uniform prior and a truncated log-normal posterior
+(Neklyudov et al. 2017). After (or during) variational training, Bayesian model reduction gives, in closed
+form, the change in variational free energy ``Delta F`` obtained by replacing the prior of one unit with a
+*reduced* prior concentrated near ``theta = 0``; a unit is pruned iff ``Delta F >= 0`` (no threshold to tune).
+
+Public API (training-loop agnostic; the Lightning wiring lives elsewhere):
+
+- :class:`LogNormalNoise` -- the noise layer; :func:`insert_noise` / :func:`remove_noise` attach it to a model.
+- :func:`kl_loss` -- the KL term of the loss, with the reference code's or the true ELBO scaling.
+- :func:`delta_f_n` (BMRS_N), :func:`delta_f_u` (BMRS_U), :func:`prune_scores` (all rules incl. baselines).
+- :class:`BMRSPruner` -- recomputes unit masks from the current posteriors (continuous pruning), statistics.
+- :func:`rank_units` -- units ordered from most to least prunable, for post-training sweeps.
+- :func:`unit_param_counts`, :func:`param_masks` -- parameters owned by units, in prunelab's mask convention.
+
+Placement choice (:func:`insert_noise`): the noise module is registered as a child ``bmrs_noise`` of the module
+whose output it multiplies and applied by a *forward hook* on that module. Unlike wrapping the module in
+``nn.Sequential(module, noise)``, this leaves every existing parameter name unchanged (``layer1.0.bn1.weight``
+stays ``layer1.0.bn1.weight``), so checkpoints of the pretrained model still load, prunelab's masks keyed by
+parameter name stay valid, and ``copy.deepcopy``/``torch.save`` keep working (the hook is a bound method of the
+noise module, which ``deepcopy`` re-binds to the copy).
+
+Noise sampling: the authors' code (``modules/layers.py``, ``reparameterize(x.shape)``) draws an independent
+``theta`` for every element of the activation tensor (per example, and per spatial position for conv maps)
+with ``(mu, sigma)`` shared per unit; that is the default here (``sample_mode="element"``). ``"sample"`` draws
+one ``theta`` per unit and example (shared over spatial positions/tokens) and ``"batch"`` one per unit per
+forward pass, broadcast over the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from prunelab.pruning.bayes import lognormal as ln
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RULES",
+    "BMRSPruner",
+    "LogNormalNoise",
+    "delta_f_n",
+    "delta_f_u",
+    "find_noise",
+    "insert_noise",
+    "kl_loss",
+    "param_masks",
+    "prune_scores",
+    "rank_units",
+    "remove_noise",
+    "unit_param_counts",
+]
+
+RULES = ("bmrs_n", "bmrs_u", "snr", "expected_theta")
+NOISE_ATTR = "bmrs_noise"
+SAMPLE_MODES = ("element", "sample", "batch")
+PLACEMENTS = ("auto", "batchnorm", "activation", "transformer")
+TRANSFORMER_SUFFIXES = ("mlp.fc2", "output.dense")
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Softplus,
+)  # fmt: skip
+# Modules mapping a zero channel to a zero channel without mixing channels: a pruned unit stays removed.
+_ZERO_PRESERVING = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_ZERO_PRESERVING_FUNCS = {torch.relu, torch.tanh, nn.functional.relu, nn.functional.gelu, nn.functional.silu}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The noise layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LogNormalNoise(nn.Module):
+    """Multiplicative log-normal noise ``theta`` per unit, ``log theta ~ N(mu, sigma^2)`` truncated to
+    ``[log a, log b]`` (Neklyudov et al. 2017; BMRS Sec. 3).
+
+    Parameters ``mu`` and ``log_sigma`` have shape ``(units,)`` (initialised to 0 and -5, the paper's values);
+    ``log_sigma`` is clamped to ``log_sigma_bounds`` (the reference code's [-20, 5]) wherever ``sigma`` is used.
+    The boolean buffer ``mask`` (True = kept) zeroes pruned units in both modes. ``dim`` is the unit axis of the
+    input (1 for ``N x C x H x W`` and ``N x C``, -1 for ``N x T x D``).
+
+    Training: ``x * theta`` with ``theta`` sampled by the inverse-CDF reparameterisation
+    (:func:`lognormal.sample_log_theta`), granularity set by ``sample_mode`` (see module docstring).
+    Evaluation: ``x * E[theta]``.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        dim: int = 1,
+        log_a: float = -20.0,
+        log_b: float = 0.0,
+        init_mu: float = 0.0,
+        init_log_sigma: float = -5.0,
+        sample_mode: str = "element",
+        log_sigma_bounds: tuple[float, float] = (-20.0, 5.0),
+    ) -> None:
+        super().__init__()
+        if not log_a < log_b:
+            raise ValueError(f"need log_a < log_b, got {log_a}, {log_b}")
+        if sample_mode not in SAMPLE_MODES:
+            raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {sample_mode!r}")
+        self.units, self.dim, self.log_a, self.log_b = int(units), int(dim), float(log_a), float(log_b)
+        self.sample_mode = sample_mode
+        self.log_sigma_bounds = (float(log_sigma_bounds[0]), float(log_sigma_bounds[1]))
+        self.attached_to: str | None = None  # name of the module whose output this noise multiplies
+        self.mu = nn.Parameter(torch.full((self.units,), float(init_mu)))
+        self.log_sigma = nn.Parameter(torch.full((self.units,), float(init_log_sigma)))
+        self.register_buffer("mask", torch.ones(self.units, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (
+            f"units={self.units}, dim={self.dim}, log_a={self.log_a}, log_b={self.log_b}, "
+            f"sample_mode={self.sample_mode!r}"
+        )
+
+    def sigma(self) -> torch.Tensor:
+        """``exp(clamp(log_sigma))`` (differentiable inside the clamp range)."""
+        return self.log_sigma.clamp(*self.log_sigma_bounds).exp()
+
+    def posterior64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` in float64, the precision used for every closed-form quantity."""
+        return self.mu.double(), self.sigma().double()
+
+    def expected_theta(self) -> torch.Tensor:
+        """``E[theta]`` per unit (float64), see :func:`lognormal.expected_theta`."""
+        return ln.expected_theta(*self.posterior64(), self.log_a, self.log_b)
+
+    def std_theta(self) -> torch.Tensor:
+        """``std[theta]`` per unit (float64), see :func:`lognormal.std_theta`."""
+        return ln.std_theta(*self.posterior64(), self.log_a, self.log_b)
+
+    def snr(self) -> torch.Tensor:
+        """``E[theta] / std[theta]`` per unit (float64)."""
+        return ln.snr(*self.posterior64(), self.log_a, self.log_b)
+
+    def kl(self) -> torch.Tensor:
+        """``KL(q || p)`` per unit (float64, differentiable), see :func:`lognormal.kl_to_log_uniform`."""
+        return ln.kl_to_log_uniform(*self.posterior64(), self.log_a, self.log_b)
+
+    def _view_shape(self, x: torch.Tensor) -> list[int]:
+        d = self.dim % x.ndim
+        if x.shape[d] != self.units:
+            raise ValueError(
+                f"LogNormalNoise({self.units} units, dim={self.dim}) got input of shape {tuple(x.shape)}"
+            )
+        shape = [1] * x.ndim
+        shape[d] = self.units
+        return shape
+
+    def _noise_shape(self, x: torch.Tensor, view: list[int]) -> list[int]:
+        if self.sample_mode == "element":
+            return list(x.shape)
+        if self.sample_mode == "sample":
+            return [x.shape[0], *view[1:]]
+        return view
+
+    def _needs_float64(self, mu: torch.Tensor, sigma: torch.Tensor) -> bool:
+        """Sampling runs in the parameters' dtype unless some unit's truncation interval lies far in one tail
+        (``|alpha|, |beta| > 1e4``, same sign: ``log p`` is then ~ ``-beta^2/2`` and float32 loses the sample's
+        offset from the bound), in which case the whole draw is done in float64."""
+        if mu.dtype == torch.float64:
+            return False
+        alpha, beta = ln.standardized_bounds(mu, sigma, self.log_a, self.log_b)
+        return bool(((alpha * beta > 0) & (torch.minimum(alpha.abs(), beta.abs()) > 1e4)).any())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = self._view_shape(x)
+        keep = self.mask.view(view)
+        if self.training:
+            mu, sigma = self.mu, self.sigma()
+            if self._needs_float64(mu.detach(), sigma.detach()):
+                mu, sigma = mu.double(), sigma.double()
+            mu, sigma = mu.view(view), sigma.view(view)
+            u = torch.rand(self._noise_shape(x, view), device=x.device, dtype=mu.dtype)
+            theta = ln.sample_log_theta(mu, sigma, self.log_a, self.log_b, u).exp()
+        else:
+            theta = self.expected_theta().view(view)
+        return x * (theta * keep).to(x.dtype)
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook: multiply ``module``'s output by the noise."""
+        return self(output)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Insertion into models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve_placement(model: nn.Module, placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement != "auto":
+        return placement
+    if any(isinstance(m, _BATCHNORMS) for m in model.modules()):
+        return "batchnorm"
+    if any(_is_transformer_target(n, m) for n, m in model.named_modules()):
+        return "transformer"
+    return "activation"
+
+
+def _is_transformer_target(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and name.endswith(TRANSFORMER_SUFFIXES)
+
+
+def _out_units(module: nn.Module) -> tuple[int, int]:
+    """``(units, dim)`` of a producer's output."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    return module.out_channels, 1
+
+
+def _targets_batchnorm(model: nn.Module) -> list[tuple[str, int, int]]:
+    """After every BatchNorm (the reference code's choice for ResNets): ``(name, units, dim=1)``."""
+    return [(n, m.num_features, 1) for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
+
+
+def _targets_transformer(model: nn.Module) -> list[tuple[str, int, int]]:
+    """Per hidden dimension at the output of each transformer MLP (``*.mlp.fc2`` in timm, ``*.output.dense``
+    in HF ViT, where the reference code places it): ``(name, units, dim=-1)``."""
+    return [(n, m.out_features, -1) for n, m in model.named_modules() if _is_transformer_target(n, m)]
+
+
+def _targets_activation(model: nn.Module) -> list[tuple[str, int, int]]:
+    """After the first activation that follows each Linear/Conv in registration order (Linear -> ReLU -> noise),
+    except the last Linear/Conv of the model (the classifier). Activations used at several places in the
+    forward pass cannot carry a per-layer noise and raise."""
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    modules = list(model.named_modules())
+    producers = [n for n, m in modules if isinstance(m, _PRODUCERS)]
+    last_producer = producers[-1] if producers else None
+    targets, current, used = [], None, set()
+    for name, m in modules:
+        if isinstance(m, _PRODUCERS):
+            current = (name, m)
+        elif isinstance(m, _ACTIVATIONS) and current is not None and current[0] not in used:
+            if current[0] == last_producer:
+                continue
+            if counts[id(m)] > 1:
+                raise ValueError(
+                    f"activation {name!r} is shared by several layers; give each layer its own activation "
+                    "module or use placement='batchnorm'"
+                )
+            units, dim = _out_units(current[1])
+            targets.append((name, units, dim))
+            used.add(current[0])
+    return targets
+
+
+def insert_noise(model: nn.Module, placement: str = "auto", **noise_kwargs) -> dict[str, LogNormalNoise]:
+    """Attach a :class:`LogNormalNoise` to every prunable unit group of ``model``; return ``{name: noise}``.
+
+    ``placement``: ``"batchnorm"`` (after every BatchNorm: ResNets, VGG-BN, as in the reference code),
+    ``"activation"`` (after the non-linearity following each Linear/Conv: MLPs, LeNets), ``"transformer"``
+    (per hidden dimension at each MLP block output), or ``"auto"`` (batchnorm if the model has BatchNorm, else
+    transformer if it has ``*.mlp.fc2``/``*.output.dense`` Linears, else activation). The classifier (last
+    Linear/Conv) never gets noise. Each noise is registered as child ``bmrs_noise`` of the target module and
+    applied by a forward hook (see module docstring); names are ``"<target>.bmrs_noise"``.
+    ``noise_kwargs`` go to :class:`LogNormalNoise` (``log_a``, ``log_b``, ``sample_mode``, ...).
+    """
+    mode = _resolve_placement(model, placement)
+    targets = {"batchnorm": _targets_batchnorm, "activation": _targets_activation}.get(
+        mode, _targets_transformer
+    )(model)
+    if not targets:
+        raise ValueError(
+            f"insert_noise(placement={placement!r}): no place for noise found in {type(model).__name__}"
+        )
+    ref = next(model.parameters(), None)
+    noises: dict[str, LogNormalNoise] = {}
+    for name, units, dim in targets:
+        module = model.get_submodule(name)
+        if hasattr(module, NOISE_ATTR):
+            raise ValueError(f"module {name!r} already carries a {NOISE_ATTR}; call remove_noise first")
+        noise = LogNormalNoise(units, dim=dim, **noise_kwargs)
+        if ref is not None:
+            noise.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        noise.attached_to = name
+        module.add_module(NOISE_ATTR, noise)
+        module.register_forward_hook(noise.hook)
+        noises[f"{name}.{NOISE_ATTR}" if name else NOISE_ATTR] = noise
+    logger.info(
+        "inserted %d noise layers (%s placement, %d units)",
+        len(noises),
+        mode,
+        sum(n.units for n in noises.values()),
+    )
+    return noises
+
+
+def find_noise(model: nn.Module) -> dict[str, LogNormalNoise]:
+    """The noise modules of ``model`` (e.g. after ``copy.deepcopy``), keyed as :func:`insert_noise` does."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LogNormalNoise)}
+
+
+def remove_noise(model: nn.Module) -> None:
+    """Undo :func:`insert_noise`: drop the hooks and the ``bmrs_noise`` children."""
+    for module in model.modules():
+        noise = module._modules.get(NOISE_ATTR)
+        if isinstance(noise, LogNormalNoise):
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is noise:
+                    del module._forward_hooks[key]
+            del module._modules[NOISE_ATTR]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kl_loss(
+    noises: Mapping[str, LogNormalNoise] | Iterable[LogNormalNoise],
+    scaling: str = "layer_mean",
+    n_train: int | None = None,
+) -> torch.Tensor:
+    """The KL part of the loss, to be added to the batch-mean data term (cross-entropy / NLL).
+
+    - ``"layer_mean"`` (default, the reference code's ``kl(averaging='mean')`` averaged over layers):
+      ``mean_layers(mean_units KL)``.
+    - ``"elbo"``: ``sum_units KL / n_train``; with a batch-mean NLL this is ``-ELBO / n_train``, an unbiased
+      minibatch estimate of the true (negative) ELBO per example.
+
+    All units are included, pruned or not (as in the reference), so a pruned unit's posterior relaxes towards
+    the prior and continuous pruning can bring it back if the data pull it up again.
+    """
+    mods = list(noises.values()) if isinstance(noises, Mapping) else list(noises)
+    if not mods:
+        raise ValueError("kl_loss: no noise modules")
+    dtype = mods[0].mu.dtype
+    if scaling == "layer_mean":
+        return torch.stack([m.kl().mean() for m in mods]).mean().to(dtype)
+    if scaling == "elbo":
+        if not n_train or n_train <= 0:
+            raise ValueError("kl_loss(scaling='elbo') needs n_train, the number of training examples")
+        return (torch.stack([m.kl().sum() for m in mods]).sum() / n_train).to(dtype)
+    raise ValueError(f"scaling must be 'layer_mean' or 'elbo', got {scaling!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bayesian model reduction
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _f64(x: torch.Tensor | float) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to(torch.float64)
+
+
+def delta_f_n(
+    mu: torch.Tensor | float,
+    sigma: torch.Tensor | float,
+    log_a: float = -20.0,
+    log_b: float = 0.0,
+    var_p: float = 1e-12,
+    code_compat: bool = False,
+    mu_p: float | None = None,
+) -> torch.Tensor:
+    """BMRS_N: ``Delta F`` for a truncated log-normal reduced prior ``log theta ~ N(mu_p, var_p)`` on
+    ``[log a, log b]`` (``mu_p = log a`` and ``var_p = 1e-12`` by default: an approximate spike at ``theta = a``).
+
+    BMRS paper, Sec. 4.1 (eq. for ``Delta F`` with ``p~`` truncated log-normal)::
+
+        Delta F = log[Z~_q (log b - log a) / (Z~_p Z_q)] + 1/2 log[var~_q / (2 pi var_p var_q)]
+                  - 1/2 (mu_q^2/var_q + mu_p^2/var_p - mu~_q^2/var~_q)
+
+    with ``var~_q = (1/var_q + 1/var_p)^-1``, ``mu~_q = var~_q (mu_q/var_q + mu_p/var_p)`` and the ``Z``'s the
+    truncation normalisers on ``[log a, log b]``. Evaluated cancellation-free: the last bracket equals
+    ``(mu_q - mu_p)^2 / (var_q + var_p)``, ``var~_q / (var_p var_q) = 1 / (var_q + var_p)``, and the bounds of
+    ``q~`` are standardised as ``(var_p (x - mu_q) + var_q (x - mu_p)) / ((var_q + var_p) sd~_q)``. Float64.
+
+    ``code_compat=True`` reproduces the authors' released code, which omits the ``2 pi`` inside the second log
+    (result larger by exactly ``1/2 log(2 pi)``; prunes more). Prune iff ``Delta F >= 0``.
+    """
+    mu_q, sd_q = _f64(mu), _f64(sigma)
+    var_q = sd_q**2
+    mu_p = log_a if mu_p is None else float(mu_p)
+    s = var_q + var_p
+    sd_qt = torch.sqrt(var_q * var_p / s)
+    alpha_qt = (var_p * (log_a - mu_q) + var_q * (log_a - mu_p)) / (s * sd_qt)
+    beta_qt = (var_p * (log_b - mu_q) + var_q * (log_b - mu_p)) / (s * sd_qt)
+    log_z_qt = ln.log_ndtr_diff(alpha_qt, beta_qt)
+    log_z_q = ln.log_normaliser(mu_q, sd_q, log_a, log_b)
+    sd_p = math.sqrt(var_p)
+    log_z_p = ln.log_ndtr_diff(_f64((log_a - mu_p) / sd_p), _f64((log_b - mu_p) / sd_p))
+    df = (
+        log_z_qt
+        + math.log(log_b - log_a)
+        - log_z_p
+        - log_z_q
+        - 0.5 * torch.log(2 * math.pi * s)
+        - 0.5 * (mu_q - mu_p) ** 2 / s
+    )
+    return df + ln.LOG_SQRT_2PI if code_compat else df
+
+
+def delta_f_u(
+    mu: torch.Tensor | float,
+    sigma: torch.Tensor | float,
+    log_a: float = -20.0,
+    log_b: float = 0.0,
+    p: float = 8,
+    log_a_prime: float = -23 * math.log(2.0),
+) -> torch.Tensor:
+    """BMRS_U: ``Delta F`` for a reduced log-uniform prior on ``[a', b'] = [2^-23, 2^-p]`` (BMRS paper, Sec. 4.2)::
+
+        exp(Delta F) = [log(b/a) / log(b'/a')] * q(a' <= theta <= b')
+
+    i.e. prune iff the posterior mass in ``[a', b']`` is at least the prior's, ``log(b'/a') / log(b/a)``.
+    ``p = 8`` by default (``p = 4`` prunes more aggressively). The mass is a log-space CDF difference. Float64.
+    """
+    log_b_prime = -float(p) * math.log(2.0)
+    mu_q, sd_q = _f64(mu), _f64(sigma)
+    return (
+        math.log(log_b - log_a)
+        - math.log(log_b_prime - log_a_prime)
+        + ln.log_mass(mu_q, sd_q, log_a, log_b, log_a_prime, log_b_prime)
+    )
+
+
+def prune_scores(
+    noise: LogNormalNoise,
+    rule: str = "bmrs_n",
+    p: float = 8,
+    code_compat: bool = False,
+    var_p: float = 1e-12,
+    snr_threshold: float = 1.0,
+    theta_threshold: float = 0.1,
+) -> torch.Tensor:
+    """Per-unit score, float64, higher = more prunable, the unit pruned iff score >= 0.
+
+    ``bmrs_n``/``bmrs_u``: ``Delta F`` (:func:`delta_f_n`, :func:`delta_f_u`). Baselines (Neklyudov et al.
+    2017): ``snr``: ``log(snr_threshold) - log(E[theta]/std[theta])`` (prune iff SNR <= 1);
+    ``expected_theta``: ``log(theta_threshold) - log E[theta]`` (prune iff E[theta] <= 0.1).
+    """
+    with torch.no_grad():
+        mu, sigma = noise.posterior64()
+        if rule == "bmrs_n":
+            return delta_f_n(mu, sigma, noise.log_a, noise.log_b, var_p=var_p, code_compat=code_compat)
+        if rule == "bmrs_u":
+            return delta_f_u(mu, sigma, noise.log_a, noise.log_b, p=p)
+        if rule == "snr":
+            return math.log(snr_threshold) - torch.log(ln.snr(mu, sigma, noise.log_a, noise.log_b))
+        if rule == "expected_theta":
+            return math.log(theta_threshold) - torch.log(
+                ln.expected_theta(mu, sigma, noise.log_a, noise.log_b)
+            )
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+def rank_units(
+    noises: Mapping[str, LogNormalNoise], rule: str = "bmrs_n", **score_kwargs
+) -> list[tuple[str, int, float]]:
+    """All units as ``(noise name, unit index, score)``, most prunable first (score from :func:`prune_scores`,
+    ``Delta F`` for the BMRS rules), for post-training pruning sweeps (prune the first k)."""
+    rows = [
+        (name, i, float(v))
+        for name, noise in noises.items()
+        for i, v in enumerate(prune_scores(noise, rule, **score_kwargs).tolist())
+    ]
+    return sorted(rows, key=lambda r: r[2], reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters owned by units
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _UnitLinks:
+    """Parameter slices tied to unit ``i`` of one noise: ``(param name, axis, width)`` -- the slice is
+    ``[i*width:(i+1)*width]`` along ``axis``."""
+
+    slices: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_flatten(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    if node.op == "call_function" and node.target is torch.flatten:
+        return start == 1
+    return node.op == "call_method" and node.target == "flatten" and start == 1
+
+
+def _is_zero_preserving(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _ZERO_PRESERVING)
+    if node.op == "call_function":
+        return node.target in _ZERO_PRESERVING_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_", "tanh")
+
+
+def _producer_slices(name: str, m: nn.Module) -> list[tuple[str, int, int]]:
+    out = [(f"{name}.weight", 0, 1)]
+    if getattr(m, "bias", None) is not None:
+        out.append((f"{name}.bias", 0, 1))
+    return out
+
+
+def _affine_slices(name: str, m: nn.Module) -> list[tuple[str, int, int]]:
+    return [(f"{name}.{p}", 0, 1) for p in ("weight", "bias") if getattr(m, p, None) is not None]
+
+
+def _backward_links(node: fx.Node, modules: Mapping[str, nn.Module]) -> list[tuple[str, int, int]]:
+    """Walk from the noise target back to the Linear/Conv producing the unit (through BatchNorm and
+    channel-wise ops, each used only once) and collect the producer's output slice and BN affine slices."""
+    out: list[tuple[str, int, int]] = []
+    while node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, _PRODUCERS):
+            return out + _producer_slices(node.target, m)
+        if isinstance(m, _BATCHNORMS):
+            out += _affine_slices(node.target, m)
+        elif not isinstance(m, _ZERO_PRESERVING):
+            break
+        prev = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if prev is None or len(prev.users) != 1:
+            break
+        node = prev
+    return out
+
+
+def _forward_links(node: fx.Node, modules: Mapping[str, nn.Module], units: int) -> list[tuple[str, int, int]]:
+    """Walk from the noise target forward through zero-preserving ops and flatten to the consuming Linear/Conv
+    and return its input slice. Stops (nothing removable downstream) at a fork, a residual addition, a
+    concatenation, a grouped conv or any op not known to keep a zeroed channel at zero."""
+    flattened = False
+    while (nxt := _single_user(node)) is not None:
+        node = nxt
+        if node.op == "call_module" and isinstance(modules[node.target], _PRODUCERS):
+            m = modules[node.target]
+            if isinstance(m, nn.Linear):
+                width, rem = divmod(m.in_features, units)
+                if rem or (width != 1 and not flattened):
+                    return []
+                return [(f"{node.target}.weight", 1, width)]
+            if m.groups != 1 or flattened or m.in_channels != units:
+                return []
+            return [(f"{node.target}.weight", 1, 1)]
+        if _is_flatten(node, modules):
+            flattened = True
+        elif not _is_zero_preserving(node, modules):
+            return []
+    return []
+
+
+def _unit_links(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, _UnitLinks]:
+    """Parameter slices owned by each unit, from a ``torch.fx`` trace of ``model`` (best effort: if the model
+    cannot be traced symbolically only the noise parameters and the target's own affine parameters are used)."""
+    links = {name: _UnitLinks([(f"{name}.mu", 0, 1), (f"{name}.log_sigma", 0, 1)]) for name in noises}
+    modules = dict(model.named_modules())
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: fall back
+        logger.warning(
+            "unit_param_counts: %s is not fx-traceable (%s); counting noise/BN params only",
+            type(model).__name__,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        graph = None
+    nodes = {n.target: n for n in graph.nodes if n.op == "call_module"} if graph is not None else {}
+    for name, noise in noises.items():
+        target = noise.attached_to if noise.attached_to is not None else name.rpartition(".")[0]
+        node = nodes.get(target)
+        if node is None:
+            if isinstance(modules.get(target), _BATCHNORMS):
+                links[name].slices += _affine_slices(target, modules[target])
+            continue
+        links[name].slices += _backward_links(node, modules)
+        links[name].slices += _forward_links(node, modules, noise.units)
+    return links
+
+
+def unit_param_counts(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, torch.Tensor]:
+    """Parameters owned by each unit, ``{noise name: int64 tensor (units,)}``.
+
+    A unit owns its producer's output slice (Linear row / conv filter, bias), the affine parameters of the
+    BatchNorm on its path, its two noise parameters, and the consumer's input slice (Linear columns -- one per
+    flattened spatial position after ``flatten(1)`` -- or conv input-channel kernels). Found by tracing the
+    model with ``torch.fx``; the consumer is only counted when the unit's output reaches it unshared through
+    ops that keep a zeroed channel at zero (ReLU-like activations, pooling, dropout, flatten). Units feeding a
+    residual addition (ResNet ``bn2``/``bn3``/downsample) or a concatenation therefore own no consumer weights:
+    pruning one of them does not remove the channel from the residual stream. Counts of two units in adjacent
+    layers share the weight between them; :func:`param_masks` gives exact totals.
+    """
+    params = dict(model.named_parameters())
+    out = {}
+    for name, link in _unit_links(model, noises).items():
+        per_unit = 0
+        for pname, axis, width in link.slices:
+            p = params[pname]
+            per_unit += p.numel() // p.shape[axis] * width
+        out[name] = torch.full((noises[name].units,), per_unit, dtype=torch.int64)
+    return out
+
+
+def param_masks(
+    model: nn.Module,
+    noises: Mapping[str, LogNormalNoise],
+    unit_masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Parameter-level masks (prunelab convention: ``{param name: bool tensor}``, True = kept) equivalent to
+    the unit masks (default: each noise's ``mask`` buffer), for every parameter owned by some unit (see
+    :func:`unit_param_counts`)."""
+    params = dict(model.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for name, link in _unit_links(model, noises).items():
+        keep = (unit_masks[name] if unit_masks is not None else noises[name].mask).bool()
+        for pname, axis, width in link.slices:
+            p = params[pname]
+            m = masks.setdefault(pname, torch.ones_like(p, dtype=torch.bool))
+            k = keep.to(p.device).repeat_interleave(width)
+            shape = [1] * p.ndim
+            shape[axis] = k.numel()
+            masks[pname] = m & k.view(shape)
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Controller
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BMRSPruner:
+    """Threshold-free continuous pruning controller (BMRS paper, Alg. 1): call :meth:`update_masks` after every
+    epoch; masks are recomputed from scratch from the current posteriors, so units can come back.
+
+    ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (``p`` = 8, or 4 for more pruning), ``snr`` or
+    ``expected_theta`` (baselines). ``code_compat`` selects the authors' code variant of ``Delta F_N``
+    (see :func:`delta_f_n`); the choice is recorded in :meth:`stats` as ``delta_f_n_variant``.
+    """
+
+    def __init__(
+        self,
+        noises: Mapping[str, LogNormalNoise],
+        rule: str = "bmrs_n",
+        p: float = 8,
+        code_compat: bool = False,
+        var_p: float = 1e-12,
+        snr_threshold: float = 1.0,
+        theta_threshold: float = 0.1,
+        model: nn.Module | None = None,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if not noises:
+            raise ValueError("BMRSPruner: no noise modules")
+        self.noises = dict(noises)
+        self.rule, self.code_compat, self.model = rule, bool(code_compat), model
+        self.score_kwargs = dict(
+            p=p,
+            code_compat=code_compat,
+            var_p=var_p,
+            snr_threshold=snr_threshold,
+            theta_threshold=theta_threshold,
+        )
+        self.frozen = False
+
+    @property
+    def delta_f_n_variant(self) -> str:
+        """``"code_compat"`` (authors' code, no 2 pi) or ``"paper"``."""
+        return "code_compat" if self.code_compat else "paper"
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per-unit prune scores (``Delta F`` for BMRS rules), float64."""
+        return {n: prune_scores(m, self.rule, **self.score_kwargs) for n, m in self.noises.items()}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current unit masks ``{noise name: bool (units,)}``, True = kept."""
+        return {n: m.mask.clone() for n, m in self.noises.items()}
+
+    def update_masks(self) -> dict[str, torch.Tensor]:
+        """Set every unit's mask to ``score < 0`` (prune iff ``Delta F >= 0``), from scratch; no-op once frozen."""
+        if not self.frozen:
+            for name, score in self.scores().items():
+                self.noises[name].mask.copy_(score.lt(0).to(self.noises[name].mask.device))
+        return self.masks()
+
+    def freeze(self) -> dict[str, torch.Tensor]:
+        """Stop updating: the current masks become final (e.g. before fine-tuning)."""
+        self.frozen = True
+        return self.masks()
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+
+    def stats(self, model: nn.Module | None = None) -> dict:
+        """Units total/kept/pruned per layer and overall, fraction of units removed, and -- given ``model`` (or
+        the constructor's) -- exact fraction of the model's parameters removed (:func:`param_masks`; noise
+        parameters included in the total), plus ``rule`` and ``delta_f_n_variant``."""
+        layers = {}
+        for name, noise in self.noises.items():
+            kept = int(noise.mask.sum())
+            layers[name] = {"units": noise.units, "kept": kept, "pruned": noise.units - kept}
+        total = sum(v["units"] for v in layers.values())
+        kept = sum(v["kept"] for v in layers.values())
+        out = {
+            "rule": self.rule,
+            "delta_f_n_variant": self.delta_f_n_variant,
+            "code_compat": self.code_compat,
+            "frozen": self.frozen,
+            "layers": layers,
+            "units_total": total,
+            "units_kept": kept,
+            "units_pruned": total - kept,
+            "frac_units_removed": (total - kept) / total,
+        }
+        model = model if model is not None else self.model
+        if model is not None:
+            masks = param_masks(model, self.noises)
+            n_params = sum(p.numel() for p in model.parameters())
+            removed = sum(int((~m).sum()) for m in masks.values())
+            out.update(params_total=n_params, params_removed=removed, frac_params_removed=removed / n_params)
+        return out

@@ -1,0 +1,251 @@
+"""Prunable units and their dependency groups, found by Torch-Pruning's DepGraph.
+
+A *unit* is a neuron (output feature of a ``nn.Linear``) or a filter (output channel of a convolution). Units
+that must disappear together -- the channels summed by a residual addition, the channels of a depthwise conv
+and of the conv feeding it, a BatchNorm's channels and the conv before it, the input columns of every layer
+that reads them (after flattening too) -- form one :class:`ChannelGroup`. The groups come from
+``tp.DependencyGraph().build_dependency(model, example_inputs)`` and
+``DG.get_all_groups(root_module_types=[Conv, Linear], ignored_layers=[classifier])`` (Fang et al., "DepGraph:
+Towards Any Structural Pruning", CVPR 2023), so no model needs special casing: the classifier's outputs are
+never pruned, everything else that DepGraph can trace is.
+
+Conventions: unit ``u`` of a group is the ``u``-th output channel of the group's *root* layer (the conv or
+linear layer DepGraph starts the group from); every member stores which of its own channel (or input
+feature) indices belong to which unit (``idxs[i]`` belongs to unit ``root_idxs[i]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: layers whose output channels are units (roots of groups).
+UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: normalisation layers after which the gate is placed (their affine shift is part of the unit's output).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)
+BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One layer touched by a group.
+
+    ``kind`` is ``"out"`` when the layer's output channels (rows of the weight, BN channels) are the group's
+    units, ``"in"`` when its inputs (weight columns) are. ``idxs`` are the layer's own indices, ``root_idxs``
+    the unit each of them belongs to (equal for plain chains, one unit to many features after a flatten).
+    """
+
+    name: str
+    kind: str
+    layer_type: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GateSite:
+    """Where a gate multiplies the group's units: after module ``name``, along dimension ``dim``."""
+
+    name: str
+    dim: int
+
+
+@dataclass
+class ChannelGroup:
+    """A set of coupled units scored and pruned together (see the module docstring)."""
+
+    id: str
+    members: list[GroupMember]
+    num_units: int
+    gates: list[GateSite] = field(default_factory=list)
+
+    @property
+    def root(self) -> str:
+        """Name of the layer whose output channels define the units."""
+        return self.id
+
+    def producers(self) -> list[GroupMember]:
+        """Members whose *output* channels are the units (convs, linears, norms)."""
+        return [m for m in self.members if m.kind == "out"]
+
+    def consumers(self) -> list[GroupMember]:
+        """Members reading the units as inputs."""
+        return [m for m in self.members if m.kind == "in"]
+
+    def has_norm(self) -> bool:
+        return any(m.layer_type in {t.__name__ for t in BN_TYPES} for m in self.producers())
+
+
+def find_classifier(model: nn.Module) -> nn.Module:
+    """The output layer whose outputs must never be pruned: timm's ``get_classifier()`` when available,
+    otherwise the last registered ``nn.Linear`` / conv layer."""
+    getter = getattr(model, "get_classifier", None)
+    if callable(getter):
+        clf = getter()
+        if isinstance(clf, nn.Module) and any(True for _ in clf.parameters()):
+            return clf
+    last = None
+    for m in model.modules():
+        if isinstance(m, UNIT_TYPES):
+            last = m
+    if last is None:
+        raise ValueError("model has no conv or linear layer: nothing to prune structurally")
+    return last
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``model`` on ``example_input`` in eval mode (BatchNorm statistics are left untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    finally:
+        model.train(was_training)
+    return dg
+
+
+def _kind(dg: tp.DependencyGraph, handler) -> str | None:
+    if dg.is_out_channel_pruning_fn(handler):
+        return "out"
+    if dg.is_in_channel_pruning_fn(handler):
+        return "in"
+    return None
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _channel_dim(module: nn.Module) -> int:
+    """Dimension of a module's output that holds its channels / features."""
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        return -1
+    return 1
+
+
+def _gate_sites(dg: tp.DependencyGraph, tp_group, names: dict[nn.Module, str]) -> list[GateSite]:
+    """Gate every producer's output with the group's gate, except a conv / linear whose only consumer is a
+    normalisation layer of the same group: that one is gated after the norm (so the gate also removes the
+    norm's shift ``beta`` and the masked model equals the compacted one)."""
+    out_modules = [
+        it.dep.target.module for it in tp_group.items
+        if isinstance(it.dep.target.module, nn.Module) and _kind(dg, it.dep.handler) == "out"
+        and isinstance(it.dep.target.module, UNIT_TYPES + NORM_TYPES)
+    ]
+    in_group = set(out_modules)
+    sites: list[GateSite] = []
+    seen: set[nn.Module] = set()
+    for m in out_modules:
+        if m in seen:
+            continue
+        seen.add(m)
+        if isinstance(m, UNIT_TYPES):
+            outs = dg.module2node[m].outputs
+            if len(outs) == 1 and isinstance(outs[0].module, NORM_TYPES) and outs[0].module in in_group:
+                continue
+        sites.append(GateSite(names[m], _channel_dim(m)))
+    return sites
+
+
+def _convert_group(dg: tp.DependencyGraph, tp_group, names: dict[nn.Module, str]) -> ChannelGroup | None:
+    root = tp_group[0].dep.target.module
+    members: dict[tuple[str, str], GroupMember] = {}
+    for it in tp_group.items:
+        module = it.dep.target.module
+        kind = _kind(dg, it.dep.handler)
+        if kind is None or not isinstance(module, nn.Module) or module not in names:
+            continue  # functional ops (add, relu, reshape) and unwrapped parameters carry no weights
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if kind == "in" and _is_depthwise(module):
+            continue  # a depthwise conv's inputs are its outputs: covered by its "out" member
+        key = (names[module], kind)
+        if key in members:
+            continue
+        members[key] = GroupMember(
+            name=names[module], kind=kind, layer_type=type(module).__name__,
+            idxs=tuple(int(i) for i in it.idxs), root_idxs=tuple(int(i) for i in it.root_idxs),
+        )
+    num_units = len(tp_group[0].idxs)
+    if num_units < 2:
+        return None
+    return ChannelGroup(
+        id=names[root], members=list(members.values()), num_units=num_units,
+        gates=_gate_sites(dg, tp_group, names),
+    )
+
+
+def build_groups(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    root_types: Iterable[type[nn.Module]] = UNIT_TYPES,
+    dg: tp.DependencyGraph | None = None,
+) -> list[ChannelGroup]:
+    """All dependency groups of ``model`` (classifier outputs excluded).
+
+    ``ignored_layers`` defaults to ``[find_classifier(model)]``. Groups with fewer than two units are
+    dropped (a layer can never lose its last channel).
+    """
+    if ignored_layers is None:
+        ignored_layers = [find_classifier(model)]
+    dg = dg if dg is not None else build_dependency_graph(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    groups: list[ChannelGroup] = []
+    for g in dg.get_all_groups(ignored_layers=list(ignored_layers), root_module_types=list(root_types)):
+        converted = _convert_group(dg, g, names)
+        if converted is not None:
+            groups.append(converted)
+    if not groups:
+        raise ValueError("no prunable structured groups found (only the classifier?)")
+    logger.debug("found %d groups, %d units", len(groups), sum(g.num_units for g in groups))
+    return groups
+
+
+def unit_index(member: GroupMember) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idxs, root_idxs)`` of a member as long tensors."""
+    return torch.tensor(member.idxs, dtype=torch.long), torch.tensor(member.root_idxs, dtype=torch.long)
+
+
+def pruned_member_indices(member: GroupMember, keep: torch.Tensor) -> torch.Tensor:
+    """The member's own indices removed when the group keeps the units ``keep`` (bool, per unit)."""
+    idxs, roots = unit_index(member)
+    return idxs[~keep.cpu()[roots]]
+
+
+def param_masks(
+    model: nn.Module, groups: Sequence[ChannelGroup], group_masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Structured group masks as prunelab's per-parameter bool masks (True = kept).
+
+    For every conv / linear weight touched by a group: the rows of pruned units (``out`` members) and the
+    input columns they feed (``in`` members) are False; biases and norm affine parameters of pruned
+    channels are False too. Parameters not touched are left out.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for g in groups:
+        keep = group_masks.get(g.id)
+        if keep is None:
+            continue
+        for mem in g.members:
+            module = model.get_submodule(mem.name)
+            drop = pruned_member_indices(mem, keep)
+            for pname, p in module.named_parameters(recurse=False):
+                full = f"{mem.name}.{pname}" if mem.name else pname
+                dim = 0 if mem.kind == "out" else 1
+                if p.dim() <= dim or (mem.kind == "in" and pname != "weight"):
+                    continue
+                m = masks.setdefault(full, torch.ones_like(p, dtype=torch.bool))
+                m.index_fill_(dim, drop.to(p.device), False)
+    return masks
