@@ -150,3 +150,20 @@ def test_output_dir_of_another_config_is_refused(make_cfg):
     run_pipeline(make_cfg("prune.sparsity=0.5"))
     with pytest.raises(ValueError, match="another configuration"):
         run_pipeline(make_cfg("prune.sparsity=0.6"))
+
+
+@pytest.mark.parametrize("method,allocation", [("random", "igq"), ("snip", "global"), ("synflow", "global"),
+                                               ("grasp", "global"), ("lamp", "global"), ("random", "erk")])
+def test_pai_methods_and_effective_target(make_cfg, tmp_path, method, allocation):
+    over = [f"method={method}", f"allocation={allocation}", "schedule=at_init", "prune.sparsity=0.97",
+            "model=lenet_300_100"]
+    if method == "synflow":
+        over.append("method.rounds=10")
+    direct = run_pipeline(make_cfg(*over, output_dir=tmp_path / "d"))["final"]
+    assert direct["sparsity_direct"] == pytest.approx(0.97, abs=2e-3)
+    eff = run_pipeline(make_cfg(*over, "prune.target=effective", output_dir=tmp_path / "e"))
+    final = eff["final"]
+    assert final["sparsity_effective"] >= 0.97 - 1e-9
+    info = eff["stages"]["prune"]["target_info"]
+    assert final["sparsity_direct"] == pytest.approx(info["sparsity_direct_needed"], abs=1e-6)
+    assert final["sparsity_direct"] <= 0.97 + 1e-4  # no more removals than the direct target (+ quota rounding)

@@ -145,8 +145,15 @@ def _bisect(probe: _Prober, sparsity: float, max_probes: int, tol: float) -> tup
         chosen, converged = lo, True
     else:
         _, hi_rep = probe(hi)
-        if hi_rep["sparsity_effective"] < sparsity:  # cannot happen for valid masks: eff >= direct
-            raise RuntimeError("effective sparsity below direct sparsity: the masks are not nested")
+        # Quota allocations remove floor(s_l n_l) per layer, so asking for hi removals can remove a few
+        # weights less; widen the upper bound (galloping) until it meets the target.
+        inc = max(step, len(probe.masks) + 1)
+        while hi_rep["sparsity_effective"] < sparsity:
+            if hi >= N:
+                raise RuntimeError("prune.target=effective: the target cannot be reached with these masks")
+            lo, hi = hi, min(N, hi + inc)
+            inc *= 2
+            _, hi_rep = probe(hi)
         while hi - lo > step and probe.probes < max_probes:
             mid = (lo + hi) // 2
             if probe(mid)[1]["sparsity_effective"] >= sparsity:
