@@ -1,0 +1,49 @@
+"""Multiruns: joblib launcher with a shared dense cache, re-runs skip finished jobs, failures are recorded."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_cli import FAST, prunelab
+
+
+def test_joblib_multirun_shares_cache_and_reruns_nothing(tmp_path):
+    args = ["-m", "experiment=sweep_local", *FAST, "logger=none", "method=magnitude,random",
+            "prune.sparsity=0.5,0.9"]
+    out = prunelab(tmp_path, *args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted(tmp_path.glob("outputs/multirun/default/*/results.json"))
+    assert len(files) == 4
+    pretrained = [json.loads(f.read_text())["stages"]["pretrain"]["cached"] for f in files]
+    assert pretrained.count(False) == 1  # one job pretrained (under the cache lock), three reused it
+    assert len(list((tmp_path / "outputs" / "cache" / "dense").iterdir())) == 1
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    out = prunelab(tmp_path, *args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # nothing new ran
+    assert (out.stdout + out.stderr).count("already done") >= 4
+
+
+def test_failing_job_is_recorded_and_others_finish(tmp_path):
+    out = prunelab(tmp_path, "-m", *FAST, "logger=none", "prune.sparsity=0.5,1.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [p for p in (tmp_path / "outputs" / "multirun" / "default").iterdir() if p.is_dir()]
+    done = [j for j in jobs if (j / "results.json").exists()]
+    failed = [j for j in jobs if (j / "error.txt").exists()]
+    assert len(done) == 1 and len(failed) == 1
+    assert "prune.sparsity must be in [0, 1)" in (failed[0] / "error.txt").read_text()
+
+
+def test_slurm_and_optuna_configs_compose():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from prunelab.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=slurm"], return_hydra_config=True)
+        assert "submitit" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.gpus_per_node == 1
+        cfg = compose("config", overrides=["hparams_search=finetune_optuna"], return_hydra_config=True)
+        assert "optuna" in cfg.hydra.sweeper._target_.lower()
+        assert cfg.hydra.sweeper.direction == "maximize"
