@@ -6,12 +6,11 @@ number of classes always come from the data module, so one YAML per architecture
 
 from __future__ import annotations
 
-from prunelab.models.registry import MODELS, build_model, list_models, register_model
-
 # Importing the modules registers their architectures.
 from prunelab.models import lenet as _lenet  # noqa: F401,E402
 from prunelab.models import resnet as _resnet  # noqa: F401,E402
 from prunelab.models import timm_model as _timm  # noqa: F401,E402
 from prunelab.models import vgg as _vgg  # noqa: F401,E402
+from prunelab.models.registry import MODELS, build_model, list_models, register_model
 
 __all__ = ["MODELS", "build_model", "list_models", "register_model"]

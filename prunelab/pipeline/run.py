@@ -110,13 +110,13 @@ def build_context(cfg: DictConfig) -> RunContext:
     _instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
     loggers = []
     if cfg.get("logger"):
-        for name, lg in cfg.logger.items():
+        for lg in cfg.logger.values():
             if lg is not None and "_target_" in lg:
                 loggers.append(_instantiate(lg))
-    callbacks = list(cfg.get("callbacks") or {}).copy() if cfg.get("callbacks") else []
+    callbacks = [cfg.callbacks[k] for k in (cfg.get("callbacks") or {})]
     return RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, datamodule=dm, scorer=scorer,
                       allocation=allocation, finetune=finetune, schedule=schedule, sparsity=sparsity,
-                      loggers=loggers, callbacks_cfg=[cfg.callbacks[k] for k in callbacks])
+                      loggers=loggers, callbacks_cfg=callbacks)
 
 
 def final_metrics(ctx: RunContext) -> dict[str, Any]:

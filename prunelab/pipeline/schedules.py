@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from prunelab.pipeline.context import RunContext
-from prunelab.pipeline.stages import prune_stage, pretrain, train_stage
+from prunelab.pipeline.stages import pretrain, prune_stage, train_stage
 
 log = logging.getLogger(__name__)
 
