@@ -167,3 +167,28 @@ def test_pai_methods_and_effective_target(make_cfg, tmp_path, method, allocation
     info = eff["stages"]["prune"]["target_info"]
     assert final["sparsity_direct"] == pytest.approx(info["sparsity_direct_needed"], abs=1e-6)
     assert final["sparsity_direct"] <= 0.97 + 1e-4  # no more removals than the direct target (+ quota rounding)
+
+
+@pytest.mark.parametrize("strategy", ["overparam", "overparam_spkd"])
+def test_overparam_finetuning_strategies(make_cfg, tmp_path, strategy):
+    over = ["model=lenet5", f"finetune={strategy}", "finetune.expand_ratio=2", "prune.sparsity=0.5",
+            "finetune.epochs=1"]
+    res = run_pipeline(make_cfg(*over, "finetune.remask=true", "logger=csv", output_dir=tmp_path / "r"))
+    info = res["stages"]["finetune"]["strategy"]
+    assert info["params_after_merge"] == info["params_compact"] < info["params_expanded"]
+    assert res["final"]["params_total"] == info["params_compact"]
+    assert res["final"]["sparsity_direct"] == pytest.approx(0.5, abs=1e-3)  # re-masked after the merge
+    if strategy == "overparam_spkd":
+        assert info["spkd"]["gamma"] == 3000.0
+        assert set(info["spkd"]["positions"]) == set(info["expanded_layers"])
+        import pandas as pd
+
+        logged = pd.read_csv(tmp_path / "r" / "csv" / "metrics.csv")
+        assert logged["finetune/train/extra_loss"].dropna().iloc[-1] > 0  # the SP-KD term was trained on
+    res = run_pipeline(make_cfg(*over, output_dir=tmp_path / "n"))
+    assert res["final"]["sparsity_direct"] < 0.5  # merged weights are dense without re-masking
+
+
+def test_overparam_spkd_needs_a_teacher(make_cfg):
+    with pytest.raises(ValueError, match="needs the dense teacher"):
+        run_pipeline(make_cfg("finetune=overparam_spkd", "schedule=at_init", "model=lenet5"))
