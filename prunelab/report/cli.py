@@ -57,7 +57,7 @@ def build_report(dirs: list[str], out: Path, by: list[str] | None = None, metric
         problems.to_csv(out / "problems.csv", index=False)
     files = []
     if plots:
-        plot_by = [c for c in by if not c.startswith("config.prune.")]
+        plot_by = [c for c in by if c not in ("config.prune.compression", "config.prune.sparsity")]
         for fn in (lambda: accuracy_vs_compression(runs, plot_by, out, "direct"),
                    lambda: accuracy_vs_compression(runs, plot_by, out, "effective"),
                    lambda: effective_vs_direct(runs, plot_by, out),

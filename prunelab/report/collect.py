@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ def _short_target(v: Any) -> Any:
     """``prunelab.pruning.scorers.snip.SNIPScorer`` -> ``snip``: the module name says which option it is."""
     if isinstance(v, str) and v.count(".") >= 2:
         parts = v.split(".")
-        return parts[-2] if parts[-2] not in ("allocation", "schedules", "base") else parts[-1]
+        if parts[-2] not in ("allocation", "schedules", "base"):
+            return parts[-2]
+        name = re.sub(r"(Allocation|Scorer)$", "", parts[-1])  # GlobalAllocation -> global, UniformPlus -> uniform_plus
+        return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
     return v
 
 
