@@ -2,8 +2,7 @@
 
 - ``oneshot``: pretrain (cached) -> score the trained weights -> prune -> fine-tune.
 - ``at_init``: score the initial weights -> prune -> train the sparse network from init (no pretraining;
-  the "fine-tune" stage is the full training, so it uses ``pretrain.epochs`` / optimiser / scheduler when
-  ``finetune.epochs`` is left at null... see ``AtInit.train_from``).
+  the training stage, recorded as ``finetune``, uses the pretraining recipe by default: ``AtInit.train_from``).
 - ``iterative``: lottery-ticket style: N rounds of prune -> rewind -> retrain, the sparsity after round r
   being 1 - (1 - s)^(r/N) (geometric in density), weights rewound to init or to epoch k of pretraining.
 """
