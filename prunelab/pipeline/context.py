@@ -23,6 +23,7 @@ from prunelab.finetune.base import Finetune
 from prunelab.metrics.flops import count_params, masked_flops
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.allocation import Allocation
+from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Scorer
 from prunelab.utils.io import atomic_torch_save, atomic_write_json, read_json
@@ -123,8 +124,6 @@ class RunContext:
 
     # sparsity ---------------------------------------------------------------------------------------
     def sparsity_metrics(self, model: nn.Module, masks: MaskSet, stage: str) -> dict[str, Any]:
-        from prunelab.pruning.effective import effective_sparsity_report
-
         eff = effective_sparsity_report(model, masks, self.input_shape)
         flops = masked_flops(model, self.input_shape, masks)
         total = count_params(model)

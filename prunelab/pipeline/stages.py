@@ -19,6 +19,7 @@ from torch import nn
 
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.target import prune_to_target
 from prunelab.utils.io import atomic_torch_save, atomic_write_json, file_lock, read_json
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: flo
         ctx.stages[stage] = done
         log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
         return masks
-    from prunelab.pruning.target import prune_to_target
-
     start = time.perf_counter()
     if hasattr(ctx.scorer, "input_shape"):
         ctx.scorer.input_shape = ctx.input_shape
