@@ -7,14 +7,17 @@ model (e.g. expand compact layers) and add a loss term (e.g. distillation from t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from prunelab.pipeline.module import ExtraLoss
 from prunelab.pruning.masks import MaskSet
+
+# extra_loss(model, x, y, logits) -> scalar added to the cross-entropy of a training step (e.g. SP-KD)
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass

@@ -48,7 +48,6 @@ class RunContext:
     sparsity: float
     loggers: list
     callbacks_cfg: list = field(default_factory=list)
-    callbacks_extra: list = field(default_factory=list)
     stages: dict[str, dict] = field(default_factory=dict)
     extra_final: dict[str, Any] = field(default_factory=dict)
 
@@ -79,8 +78,8 @@ class RunContext:
         return self.datamodule.score_batches(int(p.score_batches), p.score_batch_size)
 
     # training ---------------------------------------------------------------------------------------
-    def trainer(self, stage: str, epochs: int, ckpt_dir: Path | None = None) -> pl.Trainer:
-        callbacks: list = [instantiate(c) for c in self.callbacks_cfg] + list(self.callbacks_extra)
+    def trainer(self, epochs: int, ckpt_dir: Path | None = None, callbacks: list | None = None) -> pl.Trainer:
+        callbacks = [instantiate(c) for c in self.callbacks_cfg] + list(callbacks or [])
         if ckpt_dir is not None:
             # no monitor + save_top_k=1: the latest epoch, overwritten each epoch, as ``last.ckpt``
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
@@ -100,14 +99,14 @@ class RunContext:
                            if OmegaConf.is_config(scheduler) else dict(scheduler),
                            stage=stage, masks=masks, extra_loss=extra_loss)
 
-    def fit(self, module: PruneModule, epochs: int, ckpt_dir: Path) -> float:
+    def fit(self, module: PruneModule, epochs: int, ckpt_dir: Path, callbacks: list | None = None) -> float:
         """Train ``module`` for ``epochs``, checkpointing every epoch into ``ckpt_dir`` and resuming from
         ``ckpt_dir/last.ckpt`` when an earlier attempt was interrupted. Returns the wall time."""
         start = time.perf_counter()
         if epochs <= 0:
             return 0.0
         last = ckpt_dir / "last.ckpt"
-        trainer = self.trainer(module.stage, epochs, ckpt_dir)
+        trainer = self.trainer(epochs, ckpt_dir, callbacks)
         if last.exists():
             log.info("%s: resuming from %s", module.stage, last)
         trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if last.exists() else None)
@@ -118,7 +117,7 @@ class RunContext:
     def evaluate(self, model: nn.Module, stage: str, masks: MaskSet | None = None) -> dict[str, float]:
         """Test accuracy and loss of ``model`` (``<stage>/test/acc``, ``<stage>/test/loss``)."""
         module = self.module(model, stage, {"name": "sgd", "lr": 0.0}, {"name": "constant"}, masks)
-        trainer = self.trainer(stage, 1)
+        trainer = self.trainer(1)
         out = trainer.test(module, datamodule=self.datamodule, verbose=False)
         return {k: float(v) for k, v in out[0].items()} if out else {}
 

@@ -8,7 +8,7 @@ Metrics are logged with the stage as prefix: ``pretrain/train/loss``, ``finetune
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.finetune.base import ExtraLoss
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.masks import MaskSet
-
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class PruneModule(pl.LightningModule):

@@ -124,10 +124,13 @@ def final_metrics(ctx: RunContext) -> dict[str, Any]:
     ft = ctx.stages.get("finetune", {}).get("metrics", {})
     pr = ctx.stages.get("prune", {}).get("metrics", {})
     pre = ctx.stages.get("pretrain", {}).get("metrics", {})
-    src = ft if "finetune/params/total" in ft else {k.replace("prune/", "finetune/"): v for k, v in pr.items()}
+    # sparsity, params and FLOPs of the final model: from the last stage that measured them
+    last = next((n for n in ("finetune", "prune") if f"{n}/params/total" in ctx.stages.get(n, {}).get("metrics", {})),
+                "prune")
+    src = ctx.stages.get(last, {}).get("metrics", {})
 
     def g(key, default=None):
-        return src.get(f"finetune/{key}", default)
+        return src.get(f"{last}/{key}", default)
 
     final = {
         "test_acc": ft.get("finetune/test/acc", pr.get("prune/test/acc")),

@@ -7,6 +7,7 @@ a training stage interrupted mid-way resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -49,7 +50,7 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 
     model = ctx.build_model()
     # Only global rank 0 takes the lock: under DDP the other ranks must join the same training run.
-    lock = file_lock(ctx.cache_dir / "locks" / f"{cache.name}.lock") if is_rank_zero() else _nullcontext()
+    lock = file_lock(ctx.cache_dir / "locks" / f"{cache.name}.lock") if is_rank_zero() else contextlib.nullcontext()
     with lock:
         init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if cached():
@@ -65,12 +66,8 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
         module = ctx.module(model, "pretrain", ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler)
         ckpt_dir = cache / "checkpoints"
         start = time.perf_counter()
-        if rewind_epoch:
-            ctx.callbacks_extra = [SaveWeightsAtEpoch(rewind_epoch, rewind_file)]
-        try:
-            ctx.fit(module, epochs, ckpt_dir)
-        finally:
-            ctx.callbacks_extra = []
+        extra = [SaveWeightsAtEpoch(rewind_epoch, rewind_file)] if rewind_epoch else []
+        ctx.fit(module, epochs, ckpt_dir, callbacks=extra)
         train_time = time.perf_counter() - start
         metrics = ctx.evaluate(model, "pretrain")
         record = {"metrics": metrics, "epochs": epochs, "train_time_s": train_time, "cached": False,
@@ -82,14 +79,6 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
         ctx.log_metrics(metrics)
         ctx.stages["pretrain"] = record
         return model, init_state, record
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",

@@ -60,6 +60,7 @@ class MaskSet(Mapping[str, torch.Tensor]):
     def __init__(self, masks: Mapping[str, torch.Tensor]):
         self._masks: dict[str, torch.Tensor] = {k: v.detach().to(torch.bool) for k, v in masks.items()}
         self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._first = next(iter(self._masks), "")
         self._bound_model: int | None = None
 
     # construction -------------------------------------------------------------------------------------
@@ -91,11 +92,18 @@ class MaskSet(Mapping[str, torch.Tensor]):
 
     # enforcement --------------------------------------------------------------------------------------
     def _bind(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The masked parameters of ``model`` and the masks cast to their device and dtype, looked up once
+        per model (parameter objects survive ``.to()`` and ``load_state_dict``), not on every step."""
+        bound = self._bound
+        if bound is not None and self._bound_model == id(model):
+            params, masks = bound
+            # one lookup guards against a new model object that reuses a freed model's id
+            if (params[0] is model.get_parameter(self._first) and params[0].device == masks[0].device
+                    and params[0].dtype == masks[0].dtype):
+                return bound
         params = [model.get_parameter(n) for n in self._masks]
-        key = hash(tuple(id(p) for p in params))
-        if self._bound is None or self._bound_model != key or self._bound[1][0].device != params[0].device:
-            masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self._masks.values(), params)]
-            self._bound, self._bound_model = (params, masks), key
+        masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self._masks.values(), params)]
+        self._bound, self._bound_model = (params, masks), id(model)
         return self._bound
 
     @torch.no_grad()
