@@ -65,12 +65,23 @@ class PathsConfig:
 
 
 @dataclass
+class MeasureConfig:
+    latency: bool = True          # measure CPU inference latency of structurally pruned models
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    warmup: int = 3
+    repeats: int = 10
+    threads: int | None = None    # torch threads while timing (null: as configured)
+    onnx: bool = False            # also export the compacted model to ONNX
+
+
+@dataclass
 class PrunelabConfig:
     name: str = "default"
     seed: int = 0
     prune: PruneConfig = field(default_factory=PruneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     data: Any = MISSING
     model: Any = MISSING
     method: Any = MISSING
@@ -89,7 +100,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
-NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks"}
+NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure"}
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
 
 

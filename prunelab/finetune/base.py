@@ -34,10 +34,11 @@ class Finetune:
     name = "vanilla"
 
     def __init__(self, epochs: int = 10, optimizer: Mapping[str, Any] | None = None,
-                 scheduler: Mapping[str, Any] | None = None):
+                 scheduler: Mapping[str, Any] | None = None, keep_best: bool = False):
         if int(epochs) < 0:
             raise ValueError(f"finetune.epochs must be >= 0, got {epochs}")
         self.epochs = int(epochs)
+        self.keep_best = bool(keep_best)  # end with the epoch of best validation accuracy, not the last
         self.optimizer = dict(optimizer or {"name": "sgd", "lr": 0.01, "momentum": 0.9})
         self.scheduler = dict(scheduler or {"name": "cosine"})
 

@@ -29,8 +29,9 @@ class OverParam(Finetune):
 
     def __init__(self, epochs: int = 10, optimizer: Mapping[str, Any] | None = None,
                  scheduler: Mapping[str, Any] | None = None, expand_ratio: int = 4,
-                 layers: str | Sequence[str] = "auto", remask: bool = False, seed: int = 0):
-        super().__init__(epochs, optimizer, scheduler)
+                 layers: str | Sequence[str] = "auto", remask: bool = False, seed: int = 0,
+                 keep_best: bool = False):
+        super().__init__(epochs, optimizer, scheduler, keep_best)
         if int(expand_ratio) < 1:
             raise ValueError(f"finetune.expand_ratio must be >= 1, got {expand_ratio}")
         self.expand_ratio = int(expand_ratio)

@@ -21,6 +21,7 @@ from torch import nn
 from prunelab.config import identity, stable_hash
 from prunelab.finetune.base import Finetune
 from prunelab.metrics.flops import count_params, masked_flops
+from prunelab.metrics.latency import count_flops, measure_latency
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.allocation import Allocation
 from prunelab.pruning.effective import effective_sparsity_report
@@ -92,12 +93,12 @@ class RunContext:
         )
 
     def module(self, model: nn.Module, stage: str, optimizer, scheduler, masks: MaskSet | None = None,
-               extra_loss=None) -> PruneModule:
+               extra_loss=None, hook=None) -> PruneModule:
         return PruneModule(model, self.num_classes, OmegaConf.to_container(optimizer, resolve=True)
                            if OmegaConf.is_config(optimizer) else dict(optimizer),
                            OmegaConf.to_container(scheduler, resolve=True)
                            if OmegaConf.is_config(scheduler) else dict(scheduler),
-                           stage=stage, masks=masks, extra_loss=extra_loss)
+                           stage=stage, masks=masks, extra_loss=extra_loss, hook=hook)
 
     def fit(self, module: PruneModule, epochs: int, ckpt_dir: Path, callbacks: list | None = None) -> float:
         """Train ``module`` for ``epochs``, checkpointing every epoch into ``ckpt_dir`` and resuming from
@@ -140,6 +141,39 @@ class RunContext:
         }
         layers = {row["name"]: row["effective_remaining"] for row in eff["layers"]}
         return {"metrics": metrics, "layers_effective": layers}
+
+    def cost(self, model: nn.Module) -> dict[str, float]:
+        """Parameters, FLOPs (batch 1) and, with ``measure.latency``, CPU latency per batch size of a plain
+        (dense or compacted) model. Latency is measured on a CPU copy: the figure the structured-pruning
+        benchmarks compare against the FLOPs ratio."""
+        m = self.cfg.measure
+        out: dict[str, float] = {"params": count_params(model), "flops": count_flops(model, self.input_shape)}
+        if m.latency:
+            cpu_model = copy.deepcopy(model).cpu()
+            out.update(measure_latency(cpu_model, self.input_shape, batch_sizes=list(m.batch_sizes),
+                                       warmup=int(m.warmup), repeats=int(m.repeats), threads=m.threads))
+        return out
+
+    def structure_metrics(self, before: dict[str, float], after: dict[str, float], stage: str) -> dict[str, float]:
+        """``<stage>/params/total|remaining``, ``<stage>/flops/dense|remaining`` (read by the ``final`` block
+        like the unstructured ones) and ``<stage>/structure/<cost>_before|_after`` plus the FLOPs reduction
+        ratio and the measured latency speedups (before / after)."""
+        out = {f"{stage}/params/total": before["params"], f"{stage}/params/remaining": after["params"],
+               f"{stage}/flops/dense": before["flops"], f"{stage}/flops/remaining": after["flops"],
+               f"{stage}/structure/flops_ratio": before["flops"] / max(1, after["flops"]),
+               f"{stage}/structure/params_ratio": before["params"] / max(1, after["params"])}
+        # A compacted model is dense: its direct sparsity is the fraction of the parameters removed, and
+        # every remaining weight is connected, so the effective sparsity is the same.
+        removed = 1.0 - after["params"] / before["params"]
+        for kind in ("direct", "effective"):
+            out[f"{stage}/sparsity/{kind}"] = removed
+            out[f"{stage}/compression/{kind}"] = before["params"] / max(1, after["params"])
+        for key in before:
+            out[f"{stage}/structure/{key}_before"] = before[key]
+            out[f"{stage}/structure/{key}_after"] = after[key]
+            if key.startswith("latency_ms"):
+                out[f"{stage}/structure/speedup_{key[len('latency_ms_'):]}"] = before[key] / max(after[key], 1e-9)
+        return out
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v

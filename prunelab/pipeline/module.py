@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.finetune.base import ExtraLoss
+from prunelab.pipeline.hooks import TrainHook
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.masks import MaskSet
 
@@ -32,6 +33,7 @@ class PruneModule(pl.LightningModule):
         stage: str = "pretrain",
         masks: MaskSet | None = None,
         extra_loss: ExtraLoss | None = None,
+        hook: TrainHook | None = None,
     ):
         super().__init__()
         self.model = model
@@ -40,6 +42,7 @@ class PruneModule(pl.LightningModule):
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)
         self.extra_loss = extra_loss
+        self.hook = hook or TrainHook()
         self.mask_sync: dict | None = None
         self.automatic_optimization = False
         self._train_sums = torch.zeros(3)
@@ -58,14 +61,14 @@ class PruneModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss, logits = self.hook.loss(self, x, y)
         if self.extra_loss is not None:
             extra = self.extra_loss(self.model, x, y, logits)
             self._extra_sum = self._extra_sum + extra.detach() * len(y)
             loss = loss + extra
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        self.hook.after_backward(self, batch_idx)
         if self.masks is not None:
             self.masks.mask_grads(self.model)
         clip = self.optimizer_cfg.get("clip_grad_norm")
@@ -76,6 +79,9 @@ class PruneModule(pl.LightningModule):
             self.masks.apply(self.model)
         if sched is not None:
             sched.step()
+        self.hook.after_step(self, batch_idx)
+        if self.hook.should_stop():
+            self.trainer.should_stop = True
         # Training loss/accuracy are accumulated on the device (one small op per step, no sync, no logging
         # machinery) and logged once per epoch; the step loss goes to the logger every log_every_n_steps.
         with torch.no_grad():
@@ -89,6 +95,8 @@ class PruneModule(pl.LightningModule):
         self._extra_sum = torch.zeros((), device=self.device)
 
     def on_train_epoch_end(self) -> None:
+        for key, value in self.hook.on_epoch_end(self).items():
+            self.log(f"{self.stage}/{key}", float(value))
         loss_sum, correct, count = self._train_sums.tolist()
         if count:
             self.log(f"{self.stage}/train/loss", loss_sum / count, sync_dist=True)
@@ -98,7 +106,7 @@ class PruneModule(pl.LightningModule):
 
     def _eval_step(self, batch, split: str, metric: MulticlassAccuracy):
         x, y = batch
-        logits = self.model(x)
+        logits = self.hook.eval_logits(self.model, x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         self.log(f"{self.stage}/{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
@@ -121,6 +129,16 @@ class PruneModule(pl.LightningModule):
                 self._sync_masks()
             self.masks.apply(self.model)
 
+    def on_train_start(self) -> None:
+        self.hook.on_train_start(self)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of ``tensor`` over DDP ranks (identity in a single process): what hooks use so that every
+        rank derives the same masks from its own share of the data."""
+        if self.trainer is None or self.trainer.world_size <= 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
+
     def _sync_masks(self) -> None:
         """Masks must be identical on every rank: compare digests, and broadcast rank 0's on a mismatch."""
         digest = torch.tensor([self.masks.digest()], device=self.device)
@@ -135,14 +153,19 @@ class PruneModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.masks is not None:
             checkpoint["prunelab_masks"] = self.masks.state_dict()
+        checkpoint["prunelab_hook"] = self.hook.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "prunelab_masks" in checkpoint:
             self.masks = MaskSet.from_state_dict(checkpoint["prunelab_masks"]).to(self.device)
+        if checkpoint.get("prunelab_hook"):
+            self.hook.load_state_dict(checkpoint["prunelab_hook"])
 
     # optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.hook.param_groups(self.model)
+        if params is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         opt = build_optimizer(params, self.optimizer_cfg)
         steps = int(self.trainer.estimated_stepping_batches)
         sched_cfg = dict(self.scheduler_cfg)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
 from prunelab.pipeline.context import RunContext, is_rank_zero
+from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.masks import sparsity_from_options
 from prunelab.utils.io import atomic_write_json, check_writable, read_json
 
@@ -103,6 +104,7 @@ def build_context(cfg: DictConfig) -> RunContext:
     allocation = _instantiate(cfg.allocation)
     finetune = _instantiate(cfg.finetune)
     schedule = _instantiate(cfg.schedule)
+    schedule.check(scorer)
     dm = _instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
@@ -149,6 +151,14 @@ def final_metrics(ctx: RunContext) -> dict[str, Any]:
         "sparsity_target": ctx.sparsity,
         "target": str(ctx.cfg.prune.target),
     }
+    # structured pruning: cost before/after the compaction (params, FLOPs, latency, speedups), the method's
+    # own summary (e.g. reliability), and its target
+    for key, value in pr.items():
+        if key.startswith("prune/structure/"):
+            final[key[len("prune/structure/"):]] = value
+    final.update(ctx.stages.get("prune", {}).get("method", {}).get("final", {}))
+    if isinstance(ctx.scorer, TrainingMethod):
+        final["sparsity_target"], final["target"] = ctx.scorer.target()
     final.update(ctx.extra_final)
     return final
 
@@ -186,6 +196,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     results_file = Path(ctx.run_dir) / "results.json"
     log.info("run dir: %s", ctx.run_dir)
     model, masks = ctx.schedule.run(ctx)
+    if masks is None and getattr(ctx.scorer, "structured", False) and is_rank_zero():
+        export_compact(ctx, model)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "run_id": stable_hash(identity(cfg)),
@@ -204,6 +216,17 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         _finish_wandb(ctx)
     results["results_file"] = str(results_file)
     return results
+
+
+def export_compact(ctx: RunContext, model) -> None:
+    """The pruned network as a plain module: ``model_compact.pt`` (loads with ``torch.load``, no prunelab
+    surgery needed) and, with ``measure.onnx``, ``model_compact.onnx``."""
+    from prunelab.pruning.structured.compact import export_onnx, save_compact
+
+    model = model.cpu().eval()
+    save_compact(model, ctx.run_dir / "model_compact.pt")
+    if ctx.cfg.measure.onnx:
+        export_onnx(model, ctx.run_dir / "model_compact.onnx", torch.zeros(1, *ctx.input_shape))
 
 
 def _finish_wandb(ctx: RunContext) -> None:

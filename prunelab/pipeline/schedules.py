@@ -5,6 +5,12 @@
   the training stage, recorded as ``finetune``, uses the pretraining recipe by default: ``AtInit.train_from``).
 - ``iterative``: lottery-ticket style: N rounds of prune -> rewind -> retrain, the sparsity after round r
   being 1 - (1 - s)^(r/N) (geometric in density), weights rewound to init or to epoch k of pretraining.
+- ``train_prune`` (presets ``iterative_structured``, ``bayesian``): a method that prunes *while training*
+  (:class:`~prunelab.pruning.method.TrainingMethod`: iterative Taylor, BMRS, DLLP) trains for ``epochs``
+  from the pretrained model (or from init), then the pruned network is compacted and fine-tuned.
+
+Structured methods also run with ``oneshot`` (score -> remove units -> compact -> fine-tune). Every schedule
+checks in :meth:`Schedule.check` that it can run the configured method, before anything is trained.
 """
 
 from __future__ import annotations
@@ -12,13 +18,21 @@ from __future__ import annotations
 import logging
 
 from prunelab.pipeline.context import RunContext
-from prunelab.pipeline.stages import pretrain, prune_stage, train_stage
+from prunelab.pipeline.stages import method_prune_stage, pretrain, prune_stage, train_stage
+from prunelab.pruning.method import TrainingMethod
 
 log = logging.getLogger(__name__)
 
 
 class Schedule:
     name = "base"
+
+    def check(self, method) -> None:
+        """Raise a ValueError naming the options when this schedule cannot run ``method``."""
+        if isinstance(method, TrainingMethod):
+            raise ValueError(f"schedule={self.name} cannot run method={method.name} (it prunes units during "
+                             "training); allowed schedules: train_prune, iterative_structured, bayesian"
+                             + (", oneshot" if method.supports_one_shot else ""))
 
     def run(self, ctx: RunContext):
         raise NotImplementedError
@@ -30,11 +44,18 @@ class Schedule:
 class OneShot(Schedule):
     name = "oneshot"
 
+    def check(self, method) -> None:
+        if not (isinstance(method, TrainingMethod) and method.supports_one_shot):
+            super().check(method)
+
     def run(self, ctx: RunContext):
         model, _, _ = pretrain(ctx)
         teacher = ctx.clone(model).eval()
-        masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
         ft = ctx.finetune
+        if isinstance(ctx.scorer, TrainingMethod):  # structured: remove units, compact, fine-tune
+            model = method_prune_stage(ctx, model)
+            return train_stage(ctx, model, None, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
+        masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
         return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
 
 
@@ -108,3 +129,48 @@ class Iterative(Schedule):
                                            use_strategy=False)
         ctx.stages["prune"] = ctx.stages[f"prune_round{self.rounds}"]
         return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
+
+
+class TrainPrune(Schedule):
+    """Prune while training, then compact and fine-tune.
+
+    ``epochs``: length of the pruning stage (structured Taylor stops earlier once its target is reached);
+    ``pretrained``: start from the cached dense model (Taylor, DLLP) or from init (BMRS trains the noise
+    variables from scratch); ``recipe``: optimiser and LR schedule of the pruning stage, ``finetune`` or
+    ``pretrain``; ``frequency`` / ``k``: iterative structured pruning removes ``k`` units every ``frequency``
+    minibatches (other methods ignore them)."""
+
+    name = "train_prune"
+
+    def __init__(self, epochs: int = 10, pretrained: bool = True, recipe: str = "finetune",
+                 frequency: int = 30, k: int = 100):
+        if int(epochs) < 0:
+            raise ValueError(f"schedule.epochs must be >= 0, got {epochs}")
+        if recipe not in ("pretrain", "finetune"):
+            raise ValueError(f"schedule.recipe={recipe!r}; allowed values: pretrain, finetune")
+        if int(frequency) < 1 or int(k) < 1:
+            raise ValueError(f"schedule.frequency={frequency} and schedule.k={k} must be >= 1")
+        self.epochs, self.pretrained, self.recipe = int(epochs), bool(pretrained), recipe
+        self.frequency, self.k = int(frequency), int(k)
+
+    def check(self, method) -> None:
+        if not isinstance(method, TrainingMethod):
+            raise ValueError(f"schedule={self.name} needs a method that prunes during training (taylor_fo, "
+                             "taylor_fo_weight, taylor_so, l2_norm, bn_scale, random_structured, oracle, bmrs_n, "
+                             f"bmrs_u, snr, dllp); method={getattr(method, 'name', method)} is a scorer: use "
+                             "schedule=oneshot, at_init or iterative")
+
+    def run(self, ctx: RunContext):
+        teacher = None
+        if self.pretrained:
+            model, _, _ = pretrain(ctx)
+            teacher = ctx.clone(model).eval()
+        else:
+            model = ctx.build_model()
+        ft = ctx.finetune
+        if self.recipe == "pretrain":
+            opt, sched = ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler
+        else:
+            opt, sched = ft.optimizer, ft.scheduler
+        model = method_prune_stage(ctx, model, schedule=self, optimizer=opt, scheduler=sched)
+        return train_stage(ctx, model, None, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)

@@ -16,9 +16,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from prunelab.pipeline.context import RunContext, is_rank_zero
+from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.target import prune_to_target
 from prunelab.utils.io import atomic_torch_save, atomic_write_json, file_lock, read_json
@@ -108,6 +110,41 @@ def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: flo
     return masks
 
 
+def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", schedule: Any = None,
+                       optimizer=None, scheduler=None) -> nn.Module:
+    """Prune with a :class:`TrainingMethod`: one-shot from scores (``schedule=None``) or while training for
+    ``schedule.epochs`` (its hook drives pruning), then the method's ``finish`` (compaction for structured
+    methods). Records the cost of the model before and after (params, FLOPs, latency) and the accuracy of the
+    pruned network; returns the pruned (compact) network."""
+    done = ctx.stage_done(stage)
+    if done is not None:
+        ctx.stages[stage] = done
+        log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
+        return ctx.load_stage(stage)["module"]
+    method: TrainingMethod = ctx.scorer
+    before = ctx.cost(model)
+    start = time.perf_counter()
+    if schedule is None:
+        small, info = method.one_shot(ctx, model, ctx.score_batches())
+        train_time = 0.0
+    else:
+        train_model, hook = method.attach(ctx, model, schedule)
+        module = ctx.module(train_model, stage, optimizer, scheduler, hook=hook)
+        train_time = ctx.fit(module, int(schedule.epochs), ctx.run_dir / "checkpoints" / stage)
+        small, info = method.finish(ctx, module.model, hook)
+    prune_time = time.perf_counter() - start
+    after = ctx.cost(small)
+    metrics = {**ctx.structure_metrics(before, after, stage),
+               **{f"{stage}/{k}": v for k, v in info.pop("metrics", {}).items()},
+               **ctx.evaluate(small, stage), f"{stage}/time_s": prune_time, f"{stage}/train_time_s": train_time}
+    record = {"metrics": metrics, "method": info}
+    ctx.log_metrics(metrics)
+    ctx.save_stage(stage, record, small, None, extra={"module": small})
+    if is_rank_zero():
+        shutil.rmtree(ctx.run_dir / "checkpoints" / stage, ignore_errors=True)
+    return small
+
+
 def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage: str, epochs: int,
                 optimizer, scheduler, teacher: nn.Module | None = None,
                 use_strategy: bool = True) -> tuple[nn.Module, MaskSet | None]:
@@ -132,11 +169,25 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
 
         prepared = Prepared(model, masks)
     module = ctx.module(prepared.model, stage, optimizer, scheduler, prepared.masks, prepared.extra_loss)
-    train_time = ctx.fit(module, epochs, ctx.run_dir / "checkpoints" / stage)
+    ckpt_dir = ctx.run_dir / "checkpoints" / stage
+    best = None
+    if use_strategy and getattr(ctx.finetune, "keep_best", False):
+        best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=f"{stage}/val/acc", mode="max",
+                               save_top_k=1, enable_version_counter=False)
+    train_time = ctx.fit(module, epochs, ckpt_dir, callbacks=[best] if best else None)
+    if best is not None:
+        if best.best_model_path:
+            state = torch.load(best.best_model_path, map_location=module.device, weights_only=False)
+            module.load_state_dict(state["state_dict"])
+            info["best_epoch"] = int(state["epoch"])
+            info["best_val_acc"] = float(best.best_model_score)
+        else:
+            log.warning("%s: finetune.keep_best but no validation ran; keeping the last epoch", stage)
     prepared.model = module.model
     prepared.masks = module.masks
     if use_strategy:
-        model, masks, info = ctx.finetune.finish(prepared)
+        model, masks, strategy_info = ctx.finetune.finish(prepared)
+        info.update(strategy_info)
     else:
         model, masks = prepared.model, prepared.masks
     metrics = {**ctx.evaluate(model, stage, masks), f"{stage}/train_time_s": train_time}

@@ -88,6 +88,12 @@ class Gates:
         for gid, m in masks.items():
             self.mask[gid] = m.to(device=self.mask[gid].device, dtype=torch.bool).clone()
 
+    def to(self, device: torch.device | str) -> Gates:
+        """Move gates and masks (e.g. when the trainer moves the model to a GPU)."""
+        self.z = {gid: z.detach().to(device).requires_grad_(True) for gid, z in self.z.items()}
+        self.mask = {gid: m.to(device) for gid, m in self.mask.items()}
+        return self
+
     def zero_grad(self) -> None:
         for z in self.z.values():
             z.grad = None
