@@ -28,9 +28,14 @@ def build_model(
     input_shape: Sequence[int],
     num_classes: int,
     check_input: bool = True,
+    weights: str | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build ``name`` for inputs of shape ``input_shape`` (C, H, W) and ``num_classes`` outputs.
+
+    ``weights``: a local state-dict file to start from (e.g. torchvision's ``resnet50-19c8e357.pth``, the
+    pretrained model the structured-pruning papers prune); with ``pretrain.epochs=0`` the pipeline prunes it
+    as it is. The file must exist and match the architecture (checked here, before any training).
 
     With ``check_input`` a batch of zeros is pushed through the model so that an architecture that does not
     fit the data (e.g. LeNet-5 on 8x8 digits) fails here, before any training, with a message naming both.
@@ -45,9 +50,25 @@ def build_model(
         raise TypeError(f"model {name!r}: bad option ({e})") from e
     except ValueError as e:
         raise ValueError(f"model={name} does not fit the data (input_shape {list(input_shape)}): {e}") from e
+    if weights:
+        load_weights(model, name, weights)
     if check_input:
         check_model_fits(model, name, input_shape, num_classes)
     return model
+
+
+def load_weights(model: nn.Module, name: str, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.weights={path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"model.weights={path} does not match model={name}: {str(e).splitlines()[0]}") from e
 
 
 def check_model_fits(model: nn.Module, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
 from prunelab.pipeline.context import RunContext, is_rank_zero
-from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.masks import sparsity_from_options
+from prunelab.pruning.method import TrainingMethod
 from prunelab.utils.io import atomic_write_json, check_writable, read_json
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from prunelab.pipeline.context import RunContext, is_rank_zero
-from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.target import prune_to_target
 from prunelab.utils.io import atomic_torch_save, atomic_write_json, file_lock, read_json
 

@@ -67,12 +67,21 @@ class StructuredHook(TrainHook):
         self._sync(module)
         removed = p.step(p.schedule.k)
         self.history.append({"batch": p.batches_seen, "removed": removed, "pruned_units": p.pruned_units(),
-                             "progress": p.progress()})
+                             "progress": p.progress(), "ranks_agree": self._ranks_agree(module)})
 
     def _sync(self, module) -> None:
         acc = self.pruner.acc
         for gid, s in acc._sum.items():
             acc._sum[gid] = module.all_reduce_mean(s.to(module.device)).cpu()
+
+    def _ranks_agree(self, module) -> bool:
+        """Every rank must have removed the same units: compare a checksum of the kept unit indices."""
+        sig = torch.tensor([float(sum(int(m.nonzero().sum()) * (i + 1) for i, m in
+                                      enumerate(self.pruner.gates.mask.values())))], dtype=torch.float64,
+                           device=module.device)
+        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
+            raise RuntimeError("structured pruning: ranks removed different units (scores were not synchronised)")
+        return True
 
     def should_stop(self) -> bool:
         return self.pruner.done()
