@@ -41,6 +41,3 @@ def masked_flops(
         removed += layer * (1.0 - float(mask.float().mean()))
     return {"flops_dense": total, "flops_remaining": int(round(total - removed))}
 
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

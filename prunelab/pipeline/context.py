@@ -20,8 +20,8 @@ from torch import nn
 
 from prunelab.config import identity, stable_hash
 from prunelab.finetune.base import Finetune
-from prunelab.metrics.flops import count_params, masked_flops
-from prunelab.metrics.latency import count_flops, measure_latency
+from prunelab.metrics.flops import masked_flops
+from prunelab.metrics.latency import count_flops, count_params, measure_latency
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.allocation import Allocation
 from prunelab.pruning.effective import effective_sparsity_report
