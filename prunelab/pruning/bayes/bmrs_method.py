@@ -1,0 +1,400 @@
+"""BMRS as a pipeline method (``method=bmrs_n``, ``bmrs_u``, ``snr``, ``expected_theta`` with
+``schedule=bayesian``): Wright, Igel, Selvan, "BMRS: Bayesian Model Reduction for Structured Pruning",
+NeurIPS 2024 (arXiv 2406.01345). The math lives in :mod:`prunelab.pruning.bayes.bmrs`.
+
+Protocol (the paper's continuous pruning, Alg. 1, and the authors' ``train.py``):
+
+1. ``attach``: a :class:`~prunelab.pruning.bayes.bmrs.LogNormalNoise` multiplies every unit's output
+   (placement ``auto``: after the non-linearity for MLP/LeNet, after every BatchNorm for ResNets/VGG);
+   the model trains from init with loss = batch-mean cross-entropy + KL (``kl_scaling``).
+2. After every epoch (:meth:`BMRSHook.on_epoch_end`) every unit's mask is recomputed *from scratch* from the
+   current posteriors (prune iff ``Delta F >= 0`` for ``bmrs_n``/``bmrs_u``; ``E[theta]/std < 1`` for
+   ``snr``; ``E[theta] < 0.1`` for ``expected_theta``): a unit pruned in one epoch comes back when its
+   posterior moves away.
+3. ``finish``: masks frozen; the evaluation-mode noise ``E[theta] * mask`` is folded into the weights
+   (:func:`fold_noise`: BatchNorm affine parameters, or the producing Linear/Conv's rows and bias when the
+   noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0``), the noise is removed and the
+   pruned units are removed physically (:func:`compact_units`, Torch-Pruning groups). A unit coupled to
+   others by a residual addition is removed only when every coupled unit is pruned; otherwise it stays,
+   zeroed and held at zero by a :class:`ChannelMask` (no parameters) so that fine-tuning keeps the mask.
+4. The schedule then fine-tunes the plain network (``finetune.keep_best=true``: best validation epoch).
+
+Deviation from the authors' code: their fine-tuning keeps the noise layers (still sampled, KL still in the
+loss, masks frozen); here the fine-tuned network is the plain (folded, compacted) one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from prunelab.pipeline.hooks import TrainHook
+from prunelab.pruning.bayes import bmrs as B
+from prunelab.pruning.method import TrainingMethod
+
+log = logging.getLogger(__name__)
+
+KL_SCALINGS = ("layer_mean", "elbo")
+MASK_ATTR = "bmrs_mask"
+# activations with relu(c z) = c relu(z) for c >= 0: the noise after them can be folded into the producer
+_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A parameter-free channel mask kept in the plain network (residual-coupled units that could not be removed)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ChannelMask(nn.Module):
+    """Multiplies its host module's output by a fixed bool mask along ``dim`` (forward hook, like the noise):
+    keeps pruned-but-not-removable channels at exactly zero, also while fine-tuning (their gradients are 0)."""
+
+    def __init__(self, mask: torch.Tensor, dim: int):
+        super().__init__()
+        self.dim = int(dim)
+        self.register_buffer("mask", mask.clone().bool())
+
+    def extra_repr(self) -> str:
+        return f"units={self.mask.numel()}, kept={int(self.mask.sum())}, dim={self.dim}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[self.dim % x.ndim] = self.mask.numel()
+        return x * self.mask.view(shape).to(x.dtype)
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self(output)
+
+
+def add_channel_mask(module: nn.Module, mask: torch.Tensor, dim: int) -> ChannelMask:
+    cm = ChannelMask(mask.to(next(module.parameters()).device), dim)
+    module.add_module(MASK_ATTR, cm)
+    module.register_forward_hook(cm.hook)
+    return cm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folding E[theta] * mask into the weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _unit_dim(module: nn.Module) -> int:
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def noise_sites(model: nn.Module, noises: dict[str, B.LogNormalNoise]) -> dict[str, dict[str, str]]:
+    """For every noise: ``{"fold": module whose output channels absorb E[theta]*mask (BatchNorm or Linear/
+    Conv), "producer": the Linear/Conv whose output channels are the units}``, from an fx trace of ``model``
+    (noise hooks are invisible to the trace). Raises ``NotImplementedError`` where folding would not be exact
+    (a non-homogeneous activation, a producer read by several layers)."""
+    modules = dict(model.named_modules())
+    nodes = {n.target: n for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"}
+    out = {}
+    for name, noise in noises.items():
+        target = noise.attached_to
+        node = nodes.get(target)
+        if node is None:
+            raise NotImplementedError(f"BMRS: cannot locate the noise target {target!r} in the traced graph")
+        m = modules[target]
+        fold = producer = None
+        if isinstance(m, B._BATCHNORMS):
+            fold = target
+        elif isinstance(m, _HOMOGENEOUS):
+            prev = node.args[0] if node.args else None
+            if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+                raise NotImplementedError(f"BMRS: cannot fold the noise after {target!r} (input not a module)")
+            pm = modules[prev.target]
+            if not isinstance(pm, (*B._BATCHNORMS, *B._PRODUCERS)):
+                raise NotImplementedError(f"BMRS: cannot fold the noise after {target!r} into {type(pm).__name__}")
+            fold, node = prev.target, prev
+        else:
+            raise NotImplementedError(
+                f"BMRS: the noise after {type(m).__name__} {target!r} cannot be folded exactly into the weights"
+            )
+        if isinstance(modules[fold], B._PRODUCERS):
+            producer = fold
+        else:
+            if getattr(modules[fold], "weight", None) is None or getattr(modules[fold], "bias", None) is None:
+                raise NotImplementedError(f"BMRS: BatchNorm {fold!r} without affine parameters")
+            node = nodes[fold]
+            prev = node.args[0] if node.args else None
+            if isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(modules[prev.target], B._PRODUCERS):
+                producer = prev.target
+        out[name] = {"fold": fold, "producer": producer}
+    return out
+
+
+@torch.no_grad()
+def fold_noise(model: nn.Module, noises: dict[str, B.LogNormalNoise], sites: dict[str, dict[str, str]]) -> None:
+    """Multiply ``c = E[theta] * mask`` (the evaluation-mode noise) into each noise's fold module, in place:
+    BatchNorm ``weight, bias <- c * weight, c * bias``; Linear/Conv rows and bias ``<- c * ...`` (exact
+    because the noise follows a positively homogeneous activation). Call :func:`bmrs.remove_noise` after."""
+    for name, noise in noises.items():
+        c = (noise.expected_theta() * noise.mask.double()).to(torch.float64)
+        m = model.get_submodule(sites[name]["fold"])
+        for pname in ("weight", "bias"):
+            p = getattr(m, pname, None)
+            if p is None:
+                continue
+            shape = [1] * p.ndim
+            shape[0] = -1
+            p.copy_((p.double() * c.to(p.device).view(shape)).to(p.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Physical removal
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compact_units(
+    model: nn.Module,
+    unit_masks: dict[str, torch.Tensor],
+    sites: dict[str, dict[str, str]],
+    example: torch.Tensor,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Remove the pruned units of the (folded, noise-free) ``model`` physically.
+
+    ``unit_masks``: ``{noise name: bool (units,)}`` (True = kept). Each dependency group of
+    :func:`~prunelab.pruning.structured.groups.build_groups` loses a unit only if every Linear/Conv producing
+    it is covered by a noise and every such noise prunes it (residual coupling); a group never loses all its
+    units (one zeroed unit is left). Units pruned but not removed get a :class:`ChannelMask` on their fold
+    module. Returns ``(compact model, info)``."""
+    from prunelab.pruning.structured.compact import compact
+    from prunelab.pruning.structured.groups import build_groups, pruned_member_indices
+
+    groups = build_groups(model, example)
+    by_producer = {s["producer"]: n for n, s in sites.items() if s["producer"] is not None}
+    group_masks: dict[str, torch.Tensor] = {}
+    kept_for_shape = []
+    for g in groups:
+        removable = torch.ones(g.num_units, dtype=torch.bool)
+        covered = False
+        for mem in g.producers():
+            if not isinstance(model.get_submodule(mem.name), B._PRODUCERS):
+                continue
+            noise_name = by_producer.get(mem.name)
+            if noise_name is None:
+                removable[:] = False
+                break
+            covered = True
+            keep = unit_masks[noise_name].cpu()
+            for idx, root in zip(mem.idxs, mem.root_idxs):
+                if keep[idx]:
+                    removable[root] = False
+        if not covered or not removable.any():
+            continue
+        if removable.all():
+            removable[0] = False
+            kept_for_shape.append(g.id)
+        group_masks[g.id] = ~removable
+    small = compact(model, group_masks, example, groups) if group_masks else model
+    # channels of each fold module removed by the compaction
+    removed: dict[str, set[int]] = {}
+    for g in groups:
+        if g.id not in group_masks:
+            continue
+        for mem in g.producers():
+            removed.setdefault(mem.name, set()).update(pruned_member_indices(mem, group_masks[g.id]).tolist())
+    masked_left = 0
+    for name, site in sites.items():
+        keep = unit_masks[name].cpu()
+        gone = removed.get(site["fold"], set())
+        rest = torch.tensor([i for i in range(keep.numel()) if i not in gone], dtype=torch.long)
+        left = keep[rest]
+        if not left.all():
+            module = small.get_submodule(site["fold"])
+            add_channel_mask(module, left, _unit_dim(module))
+            masked_left += int((~left).sum())
+    units_removed = sum(int((~m).sum()) for m in group_masks.values())
+    return small, {"units_removed_physically": units_removed, "units_masked_not_removed": masked_left,
+                   "groups_kept_one_unit": kept_for_shape}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hook and method
+# ----------------------------------------------------------------------------------------------------------
+
+
+def num_train_examples(dm) -> int:
+    """Size of the training split of a prunelab data module (tensor or folder based)."""
+    if hasattr(dm, "split"):
+        return len(dm.split("train")[1])
+    train = getattr(dm, "_train", None)
+    if train is not None:
+        return len(train)
+    raise ValueError(f"kl_scaling=elbo needs the training-set size; {type(dm).__name__} does not expose it")
+
+
+class BMRSHook(TrainHook):
+    """Loss = cross-entropy + KL; noise parameters without weight decay; masks recomputed every epoch."""
+
+    def __init__(self, pruner: B.BMRSPruner, kl_scaling: str = "layer_mean", n_train: int | None = None,
+                 noise_lr: float | None = None):
+        self.pruner, self.noise_lr = pruner, noise_lr
+        self.kl_scaling, self.n_train = kl_scaling, n_train
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def noises(self) -> dict[str, B.LogNormalNoise]:
+        return self.pruner.noises
+
+    def loss(self, module, x, y):
+        logits = module.model(x)
+        kl = B.kl_loss(self.noises, self.kl_scaling, self.n_train)
+        return F.cross_entropy(logits, y) + kl, logits
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        noise_ids = {id(p) for n in B.find_noise(model).values() for p in (n.mu, n.log_sigma)}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in noise_ids]
+        noise = [p for p in model.parameters() if p.requires_grad and id(p) in noise_ids]
+        group = {"params": noise, "weight_decay": 0.0}
+        if self.noise_lr is not None:
+            group["lr"] = self.noise_lr
+        return [{"params": rest}, group]
+
+    def _ranks_agree(self, module) -> bool:
+        """Masks derive from the noise parameters, which DDP keeps identical: check it with a checksum."""
+        sig = torch.tensor([float(sum((i + 1) * int(m.nonzero().sum() + m.sum())
+                                      for i, m in enumerate(self.pruner.masks().values())))],
+                           dtype=torch.float64, device=module.device)
+        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
+            raise RuntimeError("BMRS: ranks derived different masks (noise parameters not synchronised)")
+        return True
+
+    def on_epoch_end(self, module) -> dict[str, float]:
+        self.pruner.update_masks()
+        s = self.pruner.stats(module.model)
+        entry = {"epoch": int(module.current_epoch), "units_kept": s["units_kept"],
+                 "frac_units_removed": s["frac_units_removed"], "frac_params_removed": s["frac_params_removed"],
+                 "ranks_agree": self._ranks_agree(module)}
+        self.history.append(entry)
+        return {"bmrs/units_kept": float(s["units_kept"]), "bmrs/frac_units_removed": s["frac_units_removed"],
+                "bmrs/frac_params_removed": s["frac_params_removed"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": {n: m.cpu() for n, m in self.pruner.masks().items()}, "history": list(self.history),
+                "frozen": self.pruner.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, mask in state["masks"].items():
+            self.noises[name].mask.copy_(mask.to(self.noises[name].mask.device))
+        self.history = list(state["history"])
+        self.pruner.frozen = bool(state["frozen"])
+
+
+class BMRSMethod(TrainingMethod):
+    """Threshold-free structured pruning with multiplicative log-normal noise and Bayesian model reduction.
+
+    ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (reduced log-uniform prior on ``[2^-23, 2^-p]``, ``p`` = 8; 4
+    prunes more), ``snr`` (``E[theta]/std[theta] < 1``), ``expected_theta`` (``E[theta] < 0.1``).
+    ``code_compat``: ``Delta F_N`` as in the authors' released code (no ``2 pi``; prunes more) instead of the
+    paper's formula. ``kl_scaling``: ``layer_mean`` (reference code: KL averaged within each layer, then across
+    layers) or ``elbo`` (sum of KLs / number of training examples). ``log_a``, ``log_b``: bounds of
+    ``log theta``; ``mu_init``, ``log_sigma_init``: posterior initialisation; ``placement``: see
+    :func:`~prunelab.pruning.bayes.bmrs.insert_noise`; ``sample_mode``: see
+    :class:`~prunelab.pruning.bayes.bmrs.LogNormalNoise`; ``noise_lr``: learning rate of the noise parameters
+    (``null``: the stage's learning rate, as in the paper; reduced-scale runs with few steps raise it).
+    """
+
+    structured = True
+    needs_data = True
+    supports_one_shot = False
+
+    def __init__(self, rule: str = "bmrs_n", p: float = 8, code_compat: bool = False,
+                 kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
+                 log_sigma_init: float = -5.0, placement: str = "auto", sample_mode: str = "element",
+                 noise_lr: float | None = None):
+        def allowed(opt, value, values):
+            if value not in values:
+                raise ValueError(f"method.{opt}={value!r}; allowed values: {', '.join(map(str, values))}")
+
+        allowed("rule", rule, B.RULES)
+        allowed("kl_scaling", kl_scaling, KL_SCALINGS)
+        allowed("placement", placement, B.PLACEMENTS)
+        allowed("sample_mode", sample_mode, B.SAMPLE_MODES)
+        if not isinstance(code_compat, bool):
+            raise ValueError(f"method.code_compat={code_compat!r}; allowed values: true, false")
+        p = float(p)
+        if not 0 < p < 23:
+            raise ValueError(f"method.p={p}: the reduced support [2^-23, 2^-p] needs 0 < p < 23")
+        if not float(log_a) < float(log_b) <= 0.0:
+            raise ValueError(f"method.log_a={log_a}, method.log_b={log_b}: need log_a < log_b <= 0")
+        if rule == "bmrs_u" and not float(log_a) <= -23 * math.log(2.0):
+            raise ValueError(f"method.log_a={log_a}: bmrs_u needs log_a <= log(2^-23) = {-23 * math.log(2):.3f}")
+        self.rule, self.name = rule, rule
+        self.p, self.code_compat, self.kl_scaling = p, code_compat, kl_scaling
+        self.log_a, self.log_b = float(log_a), float(log_b)
+        self.mu_init, self.log_sigma_init = float(mu_init), float(log_sigma_init)
+        self.placement, self.sample_mode = placement, sample_mode
+        if noise_lr is not None and not float(noise_lr) > 0:
+            raise ValueError(f"method.noise_lr={noise_lr}: must be null or > 0")
+        self.noise_lr = None if noise_lr is None else float(noise_lr)
+
+    @property
+    def delta_f_n_variant(self) -> str:
+        return "code_compat" if self.code_compat else "paper"
+
+    def target(self) -> tuple[float | None, str]:
+        return None, self.rule
+
+    def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, BMRSHook]:
+        noises = B.insert_noise(model, self.placement, log_a=self.log_a, log_b=self.log_b, init_mu=self.mu_init,
+                                init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
+        pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, code_compat=self.code_compat, model=model)
+        n_train = num_train_examples(ctx.datamodule) if self.kl_scaling == "elbo" else None
+        return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
+
+    def finish(self, ctx, model: nn.Module, hook: BMRSHook) -> tuple[nn.Module, dict[str, Any]]:
+        pruner = hook.pruner
+        masks = pruner.freeze()
+        stats = pruner.stats(model)
+        model.eval()
+        device = next(model.parameters()).device
+        example = torch.randn(4, *ctx.input_shape, device=device)
+        with torch.no_grad():
+            masked_out = model(example)
+        noises = dict(pruner.noises)
+        B.remove_noise(model)
+        sites = noise_sites(model, noises)
+        fold_noise(model, noises, sites)
+        with torch.no_grad():
+            fold_diff = float((model(example) - masked_out).abs().max())
+        small, cinfo = compact_units(model, masks, sites, example)
+        small.eval()
+        with torch.no_grad():
+            compact_diff = float((small(example) - masked_out).abs().max())
+        small.train()  # the fine-tuning stage trains it (Lightning does not switch modules back to train mode)
+        scale = float(masked_out.abs().max()) + 1e-12
+        if compact_diff > 1e-4 * max(1.0, scale):
+            log.warning("BMRS: compacted model differs from the masked one by %.3g (max |logit| %.3g)",
+                        compact_diff, scale)
+        layers = stats["layers"]
+        record = {
+            "rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant, "p": self.p,
+            "kl_scaling": self.kl_scaling, "placement": self.placement, "noise_lr": self.noise_lr,
+            "units_total": stats["units_total"], "units_removed": stats["units_pruned"],
+            "frac_units_removed": stats["frac_units_removed"],
+            "params_total_with_noise": stats["params_total"], "params_removed": stats["params_removed"],
+            "frac_params_removed": stats["frac_params_removed"],
+            "layers": {n: dict(v, fold=sites[n]["fold"]) for n, v in layers.items()},
+            "history": hook.history, "fold_max_abs_diff": fold_diff, "compact_max_abs_diff": compact_diff,
+            **cinfo,
+            "metrics": {"bmrs/units_total": stats["units_total"], "bmrs/units_removed": stats["units_pruned"],
+                        "bmrs/frac_units_removed": stats["frac_units_removed"],
+                        "bmrs/frac_params_removed": stats["frac_params_removed"],
+                        "bmrs/units_removed_physically": cinfo["units_removed_physically"],
+                        "bmrs/compact_max_abs_diff": compact_diff},
+            "final": {"rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant,
+                      "frac_units_removed": stats["frac_units_removed"],
+                      "frac_params_removed": stats["frac_params_removed"],
+                      "units_total": stats["units_total"], "units_removed": stats["units_pruned"]},
+        }
+        log.info("BMRS %s (%s): %d / %d units removed (%.1f%%), %.1f%% of the parameters", self.rule,
+                 self.delta_f_n_variant, stats["units_pruned"], stats["units_total"],
+                 100 * stats["frac_units_removed"], 100 * stats["frac_params_removed"])
+        return small, record

@@ -1,0 +1,90 @@
+"""Markdown table of BMRS runs (results.json files under the given folders) with the paper's numbers beside.
+
+    python scripts/bmrs_table.py outputs/multirun/bmrs_mlp_mnist [more folders...] [--out table.md]
+
+One row per (setting, rule, Delta F_N variant): test accuracy after fine-tuning, accuracy right after pruning
+(before fine-tuning), fraction of units removed, fraction of parameters removed (a unit's in- and out-weights
+plus its noise parameters, over the noisy model's parameters), mean over seeds (n = number of runs). Runs
+without a BMRS rule (e.g. the dense baseline of scripts/reproduce_bmrs_small.sh) appear as rule "none".
+
+PAPER holds the numbers the paper reports (Wright, Igel, Selvan, NeurIPS 2024, Table 1: parameter compression %
+and test accuracy, mean of 10 runs). They could not be retrieved when this script was written (no network
+access to the paper's PDF); the entries are None and print as "n/a" -- fill them in from Table 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prunelab.report.collect import collect  # noqa: E402
+
+# (setting, rule) -> (paper test accuracy %, paper parameter compression %); None = not retrieved.
+# settings are the experiment names of conf/experiment/bmrs_*.yaml; rules: none, l2, snr, bmrs_n, bmrs_u (p=8),
+# bmrs_u4 (p=4), as the columns of the paper's Table 1.
+SETTINGS = ["bmrs_mlp_mnist", "bmrs_mlp_fashion_mnist", "bmrs_mlp_cifar10", "bmrs_lenet5_mnist",
+            "bmrs_lenet5_fashion_mnist", "bmrs_lenet5_cifar10", "bmrs_resnet50_cifar10"]
+PAPER_RULES = ["none", "snr", "bmrs_n", "bmrs_u", "bmrs_u4"]
+PAPER: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    (s, r): (None, None) for s in SETTINGS for r in PAPER_RULES
+}
+
+
+def _fmt(v, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+
+
+def table(dirs: list[str]) -> str:
+    runs, problems = collect(dirs)
+    if runs.empty:
+        return "no finished runs found in " + ", ".join(dirs)
+    get = lambda col, default=None: runs[col] if col in runs else default  # noqa: E731
+    runs = runs.assign(
+        setting=get("config.name", "?"),
+        rule_=get("final.rule", None),
+        variant=get("final.delta_f_n_variant", None),
+        p=get("config.method.p", None),
+    )
+    runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none")
+    rows = []
+    for (setting, rule, variant, p), g in runs.groupby(["setting", "rule_", "variant", "p"], dropna=False, sort=True):
+        key = rule if rule != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}"
+        label = key if rule != "bmrs_n" else f"bmrs_n ({variant})"
+        paper_acc, paper_comp = PAPER.get((setting, key), (None, None))
+
+        def mean(col, g=g):
+            return float(g[col].astype(float).mean()) if col in g and g[col].notna().any() else None
+
+        rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(mean('final.test_acc'))} | "
+                    f"{_fmt(mean('final.prune_test_acc') if rule != 'none' else None)} | {_fmt(mean('final.frac_units_removed'))} | "
+                    f"{_fmt(mean('final.frac_params_removed'))} | {_fmt(paper_acc, False)} | "
+                    f"{_fmt(paper_comp, False)} |")
+    head = ("| setting | rule | n | test acc % | acc % after pruning (before FT) | units removed % | "
+            "params removed % | paper acc % | paper params removed % |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    out = head + "\n" + "\n".join(rows)
+    if len(problems):
+        out += f"\n\n{len(problems)} job(s) without results: " + ", ".join(problems["path"].astype(str))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    text = table(args.dirs)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
