@@ -790,15 +790,20 @@ class DLLP:
 
     @torch.no_grad()
     def masks(
-        self, threshold: float = 0.5, target_sparsity: float | None = None, weights_only: bool = False
+        self,
+        threshold: float = 0.5,
+        target_sparsity: float | None = None,
+        weights_only: bool = False,
+        keep: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Bool masks per parameter name (True = kept), each of its parameter's shape.
 
         A removed unit zeroes its layer's weight row/filter and bias and, with a paired BatchNorm, its
         ``gamma`` and ``beta`` (so the channel's output is exactly 0); ``weights_only`` returns the layer
-        weights only. Per-weight gates mask the weights themselves.
+        weights only. Per-weight gates mask the weights themselves. ``keep``: unit masks to use instead of
+        :meth:`unit_masks` ``(threshold, target_sparsity)``.
         """
-        keep = self.unit_masks(threshold, target_sparsity)
+        keep = self.unit_masks(threshold, target_sparsity) if keep is None else keep
         out: dict[str, Tensor] = {}
         for site in self.model.sites:
             k = keep[site.name]
@@ -823,11 +828,16 @@ class DLLP:
         return {n: k.float().unsqueeze(0) for n, k in unit_masks.items()}
 
     @torch.no_grad()
-    def pruned_model(self, threshold: float = 0.5, target_sparsity: float | None = None) -> nn.Module:
+    def pruned_model(
+        self,
+        threshold: float = 0.5,
+        target_sparsity: float | None = None,
+        keep: Mapping[str, Tensor] | None = None,
+    ) -> nn.Module:
         """A deep copy of the plain network with the removed units' parameters set to 0 (no hooks)."""
         with self.model.hooks_removed() as plain:
             net = copy.deepcopy(plain)
-        for name, m in self.masks(threshold, target_sparsity).items():
+        for name, m in self.masks(threshold, target_sparsity, keep=keep).items():
             p = net.get_parameter(name)
             p.mul_(m.to(p.dtype))
         return net
@@ -840,6 +850,7 @@ class DLLP:
         deployed_model: nn.Module | None = None,
         threshold: float = 0.5,
         target_sparsity: float | None = None,
+        keep: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-particle probabilities ``(M, N, C)`` (hard gates ``1[z > 0]``, eval mode), labels ``(N,)``
         and the deployed network's probabilities ``(N, C)`` (hard unit masks unless ``deployed_model``)."""
@@ -848,9 +859,8 @@ class DLLP:
         net.eval()
         dev = next(net.model.parameters()).device
         gates = net.particle_gates("hard")
-        deploy = {
-            k: v.to(dev) for k, v in self.hard_gates(self.unit_masks(threshold, target_sparsity)).items()
-        }
+        keep = self.unit_masks(threshold, target_sparsity) if keep is None else keep
+        deploy = {k: v.to(dev) for k, v in self.hard_gates(keep).items()}
         probs, ys, dep = [], [], []
         try:
             for x, y in _batches(data):
@@ -874,17 +884,19 @@ class DLLP:
         deployed_model: nn.Module | None = None,
         threshold: float = 0.5,
         target_sparsity: float | None = None,
+        keep: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Any]:
         """JSON-serialisable reliability report (see the module docstring).
 
         ``data``: an iterable of ``(x, y)`` batches (a DataLoader) or a single ``(x, y)`` pair.
         """
-        probs, y, dep = self.predict(data, deployed_model, threshold, target_sparsity)
+        keep = self.unit_masks(threshold, target_sparsity) if keep is None else keep
+        probs, y, dep = self.predict(data, deployed_model, keep=keep)
         rho, se = self.inclusion_probs(), self.inclusion_se()
         flat = torch.cat([r.cpu() for r in rho.values()])
         zs = torch.cat([z.detach().cpu() for z in self.particle_parameters()], 1)
         part_sp = (zs <= 0).double().mean(1)
-        keep = torch.cat([k.cpu() for k in self.unit_masks(threshold, target_sparsity).values()])
+        keep = torch.cat([keep[n].cpu() for n in rho])
         ens = ensemble_metrics(probs, y)
         undecided = (flat > 0.2) & (flat < 0.8)
         return {
