@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from tests.test_cli import FAST, prunelab
 
@@ -47,3 +49,32 @@ def test_slurm_and_optuna_configs_compose():
         cfg = compose("config", overrides=["hparams_search=finetune_optuna"], return_hydra_config=True)
         assert "optuna" in cfg.hydra.sweeper._target_.lower()
         assert cfg.hydra.sweeper.direction == "maximize"
+
+
+def test_failing_job_in_joblib_sweep_is_recorded_and_others_finish(tmp_path):
+    # The same under the joblib launcher: the failure is caught in the worker process and the other jobs of
+    # the grid (run in parallel with it) write their results.
+    args = ["-m", "experiment=sweep_local", *FAST, "logger=none", "prune.sparsity=0.5,1.5,0.8"]
+    out = prunelab(tmp_path, *args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [p for p in (tmp_path / "outputs" / "multirun" / "default").iterdir() if p.is_dir()]
+    done = sorted(json.loads((j / "results.json").read_text())["config"]["prune"]["sparsity"]
+                  for j in jobs if (j / "results.json").exists())
+    failed = [j for j in jobs if (j / "error.txt").exists()]
+    assert done == [0.5, 0.8] and len(failed) == 1
+    assert not (failed[0] / "results.json").exists()
+    assert "prune.sparsity must be in [0, 1)" in (failed[0] / "error.txt").read_text()
+
+
+def test_light_imports():
+    # Per-run start-up cost: the CLI module imports no torch, and a synthetic-data LeNet run imports neither
+    # scikit-learn (digits only) nor W&B, timm or Torch-Pruning (scripts/bench_sweep.py measures the cost).
+    code = (
+        "import sys; import prunelab.cli; assert 'torch' not in sys.modules, 'cli imports torch'; "
+        "from prunelab.pipeline.run import run_pipeline; from prunelab.data import SyntheticDataModule; "
+        "from prunelab.models import build_model; "
+        "heavy = [m for m in ('sklearn', 'wandb', 'timm', 'torch_pruning') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

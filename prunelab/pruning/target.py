@@ -16,6 +16,12 @@ probe masks are nested in r and the effective sparsity is monotone in r; random 
 scores, hence nested masks too. Iterative scorers (SynFlow) re-run the whole schedule per probe from a
 snapshot of the weights (pruning zeroes weights; the snapshot is restored before every probe). The linearised
 network of the effective-sparsity computation is built once and re-used by every probe.
+
+Data parallelism: data-driven scorers shard the score batches over the ranks of an initialised process group
+and all-reduce their sums (:mod:`prunelab.pruning.scorers.sharding`), so every rank computes the same scores
+and masks; the bisection is deterministic given the scores, so every rank makes the same probes (each
+scoring call is then a collective). ``info["score_world_size"]`` records how many ranks shared the scoring
+(1: one process scored every batch).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from prunelab.pruning.effective import EffectiveSparsity, report_from_effective
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.pruner import prune
 from prunelab.pruning.scorers.base import Batch, Scorer
+from prunelab.pruning.scorers.sharding import score_group
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +113,17 @@ def prune_to_target(
     ``sparsity``. Returns the masks (applied to ``model``: pruned weights are zero) and an info dict with
     ``target``, ``sparsity_direct_needed`` (direct sparsity of the returned masks), ``sparsity_effective``,
     ``compression_effective``, ``layer_collapse``, ``probes`` (effective-sparsity evaluations),
-    ``removed`` (r of the module docstring), ``step`` and ``converged``.
+    ``removed`` (r of the module docstring), ``step``, ``converged`` and ``score_world_size`` (ranks that
+    shared the scoring of a data-driven scorer; 1 otherwise).
     ``input_shape`` (C, H, W) is needed to measure effective sparsity; without it ``target="direct"`` returns
     ``sparsity_effective=None``."""
     if target not in ("direct", "effective"):
         raise ValueError(f"prune.target must be 'direct' or 'effective', got {target!r}")
+    world = score_group()[1] if scorer.needs_data else 1
     if target == "direct":
         out = prune(model, masks, scorer, allocation, sparsity, batches)
-        info: dict[str, Any] = {"target": target, "sparsity_direct_needed": out.sparsity(), "probes": 0}
+        info: dict[str, Any] = {"target": target, "sparsity_direct_needed": out.sparsity(), "probes": 0,
+                                "score_world_size": world}
         if input_shape is not None:
             eff, connected = EffectiveSparsity(model, input_shape).reach(out)
             rep = report_from_effective(out, eff, connected)
@@ -123,7 +133,9 @@ def prune_to_target(
         return out, info
     if input_shape is None:
         raise ValueError("prune.target=effective needs the input shape to measure effective sparsity")
-    return _bisect(_Prober(model, masks, scorer, allocation, batches, input_shape), sparsity, max_probes, tol)
+    masks, info = _bisect(_Prober(model, masks, scorer, allocation, batches, input_shape), sparsity, max_probes, tol)
+    info["score_world_size"] = world
+    return masks, info
 
 
 def _summary(rep: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,11 @@ BatchNorm: as the reference code (which works on a deep copy left in training mo
 mode by default (batch statistics); running statistics and module modes are restored afterwards (see
 :func:`prunelab.pruning.scorers.snip.scoring_state`). The reference splits each batch into two halves and
 samples a class-balanced batch; here the given batches are used as they are.
+
+DDP: under an initialised multi-process group every rank takes its shard of the chosen batches; ``g`` is
+all-reduced before the Hessian-vector products and ``H g`` after them (both are sums over batches, and
+``H g = sum_b d<dL_b/dw, g>/dw`` needs the full ``g``), so every rank gets the single-process scores
+(see :mod:`prunelab.pruning.scorers.sharding`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Batch, Scorer, register_scorer
+from prunelab.pruning.scorers.sharding import all_reduce_sum_, score_group, shard
 from prunelab.pruning.scorers.snip import loss_grads, scoring_state, take_batches
 
 
@@ -37,14 +43,21 @@ def hessian_gradient_product(
     batches: Sequence[Batch],
     temperature: float,
     grad_masks: Sequence[torch.Tensor] | None = None,
+    distributed: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(g, H g)`` for the summed loss ``sum_b L_b`` (logits / ``temperature``) w.r.t. ``params``; ``g`` is
-    multiplied by ``grad_masks`` (if given) before the product. The model must be in the wanted mode."""
+    multiplied by ``grad_masks`` (if given) before the product. The model must be in the wanted mode.
+    With ``distributed`` and an initialised multi-process group, ``batches`` (the same list on every rank)
+    is sharded over the ranks and both sums are all-reduced: a collective, call it on every rank."""
+    rank, world = score_group() if distributed else (0, 1)
+    batches = shard(batches, rank, world)
     g = [torch.zeros_like(p) for p in params]
     for batch in batches:
         for acc, gb in zip(g, loss_grads(model, params, batch, temperature)):
             if gb is not None:
                 acc += gb.detach()
+    if world > 1:
+        all_reduce_sum_(g)
     if grad_masks is not None:
         g = [gi * m.to(device=gi.device, dtype=gi.dtype) for gi, m in zip(g, grad_masks)]
     hg = [torch.zeros_like(p) for p in params]
@@ -56,6 +69,8 @@ def hessian_gradient_product(
         for acc, h in zip(hg, torch.autograd.grad(z, list(params), allow_unused=True)):
             if h is not None:
                 acc += h.detach()
+    if world > 1:
+        all_reduce_sum_(hg)
     return g, hg
 
 

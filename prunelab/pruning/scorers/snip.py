@@ -12,6 +12,10 @@ statistics; the GraSP code does the same on a copy of the network). ``train_mode
 running statistics and every module's train/eval flag are saved and restored, so scoring leaves the model
 exactly as it was. ``train_mode=False`` scores in eval mode (running statistics), as in Tanaka et al.'s
 SynFlow code base. Gradients are taken with ``torch.autograd.grad``: ``.grad`` fields are untouched.
+
+DDP: under an initialised multi-process group every rank accumulates the gradients of its shard of the
+chosen batches and the sums are all-reduced before ``|. ⊙ w|`` (see :mod:`prunelab.pruning.scorers.sharding`),
+so every rank gets the scores of one process scoring all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Batch, Scorer, register_scorer
+from prunelab.pruning.scorers.sharding import all_reduce_sum_, score_group, shard
 
 
 @contextlib.contextmanager
@@ -84,7 +89,8 @@ def _zeros_if_none(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("snip")
 class SNIPScorer(Scorer):
-    """score = |(sum over batches of dL/dw) ⊙ w| (SNIP, Lee et al. 2019, Eq. 6)."""
+    """score = |(sum over batches of dL/dw) ⊙ w| (SNIP, Lee et al. 2019, Eq. 6); under DDP the batch sum is
+    sharded over the ranks and all-reduced."""
 
     needs_data = True
 
@@ -96,8 +102,10 @@ class SNIPScorer(Scorer):
         names = list(masks)
         params = [model.get_parameter(n) for n in names]
         acc = [torch.zeros_like(p) for p in params]
+        chosen = take_batches(batches, self.num_batches, self.name)
         with scoring_state(model, params, self.train_mode):
-            for batch in take_batches(batches, self.num_batches, self.name):
+            for batch in shard(chosen, *score_group()):
                 for a, g, p in zip(acc, loss_grads(model, params, batch), params):
                     a += _zeros_if_none(g, p).detach()
+        all_reduce_sum_(acc)
         return {n: (a * p.detach()).abs() for n, a, p in zip(names, acc, params)}
