@@ -172,7 +172,7 @@ def test_pai_methods_and_effective_target(make_cfg, tmp_path, method, allocation
 @pytest.mark.parametrize("strategy", ["overparam", "overparam_spkd"])
 def test_overparam_finetuning_strategies(make_cfg, tmp_path, strategy):
     over = ["model=lenet5", f"finetune={strategy}", "finetune.expand_ratio=2", "prune.sparsity=0.5",
-            "finetune.epochs=1"]
+            "finetune.epochs=1"] + (["finetune.positions=expanded"] if strategy == "overparam_spkd" else [])
     res = run_pipeline(make_cfg(*over, "finetune.remask=true", "logger=csv", output_dir=tmp_path / "r"))
     info = res["stages"]["finetune"]["strategy"]
     assert info["params_after_merge"] == info["params_compact"] < info["params_expanded"]

@@ -199,3 +199,19 @@ def test_spkd_rejects_bad_pairs() -> None:
         SPKDLoss(net, net, ["features.2"])
     with pytest.raises(ValueError):
         SPKDLoss(_Net(), net, ["features.2"], ["features.2", "features.5"])
+
+
+def test_recorder_keeps_pre_activation_output_despite_inplace_relu() -> None:
+    """An in-place activation after the recorded layer must not overwrite the recorded features (else the
+    features compared are post-ReLU, possibly all-zero rows whose normalisation has unbounded gradients)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
+    x = torch.randn(16, 5)
+    expected = net[0](x).detach().clone()
+    assert (expected < 0).any()  # the ReLU does change something
+    with FeatureRecorder(net, ["0"]) as rec, FeatureRecorder(net, ["0"], detach=True) as rec_t:
+        net(x)
+        (f,), (ft,) = rec.features(), rec_t.features()
+        assert torch.equal(f.detach(), expected) and torch.equal(ft, expected)
+        f.pow(2).sum().backward()  # differentiable w.r.t. the layer's weights
+        assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0

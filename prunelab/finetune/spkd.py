@@ -78,7 +78,8 @@ def _first_tensor(output: object) -> Tensor:
 class FeatureRecorder:
     """Forward hooks on named modules of ``model`` keeping each one's latest output.
 
-    A module called several times in one forward keeps its last output. ``features()`` returns them in the
+    A module called several times in one forward keeps its last output; the output is copied when recorded,
+    so in-place operations after the module (``ReLU(inplace=True)``) do not alter it. ``features()`` returns them in the
     order of ``positions``; ``clear()`` drops them (call it after each loss to free memory); ``remove()``
     removes the hooks (do it before :func:`~prunelab.finetune.overparam.merge_model` when hooking expanded
     blocks). Usable as a context manager (removes the hooks on exit).
@@ -97,7 +98,12 @@ class FeatureRecorder:
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             out = _first_tensor(output)
-            self._features[name] = out.detach() if self.detach else out
+            # A copy, not the output itself: an in-place op right after the module (``ReLU(inplace=True)``)
+            # would otherwise overwrite the recorded features with post-activation values. Those can be all
+            # zero for some examples (e.g. a pruned layer with 3 units), where the row normalisation of the
+            # similarity matrix has an unbounded gradient: SP-KD then diverges to NaN (seen on LeNet-5 at 90%
+            # FLOPs pruned, docs/methods/overparam.md). The copy is differentiable for the student.
+            self._features[name] = out.detach().clone() if self.detach else out.clone()
 
         return hook
 
