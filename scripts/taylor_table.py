@@ -2,7 +2,8 @@
 
     python scripts/taylor_table.py outputs/multirun/taylor_resnet50_imagenet [more dirs ...]
 
-One row per run: criterion, kept fraction of the units, top-1 accuracy, parameters and GFLOPs after
+One row per run: criterion, schedule, kept fraction of the units, top-1 accuracy right after pruning (before
+fine-tuning) and at the end, parameters and GFLOPs after
 compaction, measured CPU latency speedup (batch 1 / 64), and the paper's row with the same kept-gate ratio.
 """
 
@@ -19,6 +20,10 @@ PAPER_RESNET50 = {1.00: (76.18, 25.6, 4.09), 0.91: (76.43, 22.6, 3.27), 0.81: (7
                   0.72: (74.50, 14.2, 2.25)}
 
 
+def _pct(v) -> float | None:
+    return 100 * float(v) if v is not None and pd.notna(v) else None
+
+
 def table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in runs.iterrows():
@@ -28,8 +33,8 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
         paper = PAPER_RESNET50.get(kept) if r.get("model") == "resnet50" else None
         rows.append({
             "model": r.get("model"), "criterion": r.get("config.method.criterion"),
-            "target": f"{kind} -{amount}", "kept units": kept,
-            "top-1 %": 100 * r["final.test_acc"] if pd.notna(r.get("final.test_acc")) else None,
+            "schedule": r.get("schedule"), "target": f"{kind} -{amount}", "kept units": kept,
+            "top-1 % pruned": _pct(r.get("final.prune_test_acc")), "top-1 %": _pct(r.get("final.test_acc")),
             "params M": r.get("final.params_after", float("nan")) / 1e6,
             "GFLOPs": r.get("final.flops_after", float("nan")) / 1e9,
             "FLOPs ratio": r.get("final.flops_ratio"),
@@ -37,7 +42,7 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
             "paper top-1 %": paper[0] if paper else None, "paper params M": paper[1] if paper else None,
             "paper GFLOPs": paper[2] if paper else None,
         })
-    return pd.DataFrame(rows).sort_values(["model", "criterion", "kept units"], na_position="last")
+    return pd.DataFrame(rows).sort_values(["model", "schedule", "criterion", "kept units"], na_position="last")
 
 
 def main(argv: list[str] | None = None) -> None:
