@@ -47,3 +47,13 @@ class TrainingMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({vars(self)})"
+
+
+def train_set_size(dm: Any) -> int:
+    """Number of examples in the training split of a prunelab data module (likelihood scales N / B)."""
+    if hasattr(dm, "split"):
+        return int(len(dm.split("train")[0]))
+    train = getattr(dm, "_train", None)
+    if train is not None:
+        return int(len(train))
+    return int(len(dm.train_dataloader().dataset))

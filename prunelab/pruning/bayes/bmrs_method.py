@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from prunelab.pipeline.hooks import TrainHook
 from prunelab.pruning.bayes import bmrs as B
-from prunelab.pruning.method import TrainingMethod
+from prunelab.pruning.method import TrainingMethod, train_set_size
 
 log = logging.getLogger(__name__)
 
@@ -165,33 +165,13 @@ def compact_units(
     units (one zeroed unit is left). Units pruned but not removed get a :class:`ChannelMask` on their fold
     module. Returns ``(compact model, info)``."""
     from prunelab.pruning.structured.compact import compact
-    from prunelab.pruning.structured.groups import build_groups, pruned_member_indices
+    from prunelab.pruning.structured.groups import build_groups, pruned_member_indices, removable_group_masks
 
     groups = build_groups(model, example)
-    by_producer = {s["producer"]: n for n, s in sites.items() if s["producer"] is not None}
-    group_masks: dict[str, torch.Tensor] = {}
-    kept_for_shape = []
-    for g in groups:
-        removable = torch.ones(g.num_units, dtype=torch.bool)
-        covered = False
-        for mem in g.producers():
-            if not isinstance(model.get_submodule(mem.name), B._PRODUCERS):
-                continue
-            noise_name = by_producer.get(mem.name)
-            if noise_name is None:
-                removable[:] = False
-                break
-            covered = True
-            keep = unit_masks[noise_name].cpu()
-            for idx, root in zip(mem.idxs, mem.root_idxs):
-                if keep[idx]:
-                    removable[root] = False
-        if not covered or not removable.any():
-            continue
-        if removable.all():
-            removable[0] = False
-            kept_for_shape.append(g.id)
-        group_masks[g.id] = ~removable
+    # the noise follows the producing Linear/Conv (or its BatchNorm, folded there): those producers count
+    layer_keep = {s["producer"]: unit_masks[n] for n, s in sites.items() if s["producer"] is not None}
+    group_masks = removable_group_masks(
+        groups, layer_keep, counts=lambda mem: isinstance(model.get_submodule(mem.name), B._PRODUCERS))
     small = compact(model, group_masks, example, groups) if group_masks else model
     # channels of each fold module removed by the compaction
     removed: dict[str, set[int]] = {}
@@ -211,23 +191,12 @@ def compact_units(
             add_channel_mask(module, left, _unit_dim(module))
             masked_left += int((~left).sum())
     units_removed = sum(int((~m).sum()) for m in group_masks.values())
-    return small, {"units_removed_physically": units_removed, "units_masked_not_removed": masked_left,
-                   "groups_kept_one_unit": kept_for_shape}
+    return small, {"units_removed_physically": units_removed, "units_masked_not_removed": masked_left}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hook and method
 # ----------------------------------------------------------------------------------------------------------
-
-
-def num_train_examples(dm) -> int:
-    """Size of the training split of a prunelab data module (tensor or folder based)."""
-    if hasattr(dm, "split"):
-        return len(dm.split("train")[1])
-    train = getattr(dm, "_train", None)
-    if train is not None:
-        return len(train)
-    raise ValueError(f"kl_scaling=elbo needs the training-set size; {type(dm).__name__} does not expose it")
 
 
 class BMRSHook(TrainHook):
@@ -346,7 +315,7 @@ class BMRSMethod(TrainingMethod):
         noises = B.insert_noise(model, self.placement, log_a=self.log_a, log_b=self.log_b, init_mu=self.mu_init,
                                 init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, code_compat=self.code_compat, model=model)
-        n_train = num_train_examples(ctx.datamodule) if self.kl_scaling == "elbo" else None
+        n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None
         return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
 
     def finish(self, ctx, model: nn.Module, hook: BMRSHook) -> tuple[nn.Module, dict[str, Any]]:

@@ -56,7 +56,7 @@ from torch.nn.utils import prune as torch_prune
 from prunelab.pipeline.hooks import TrainHook
 from prunelab.pruning.bayes.dllp import DLLP, PRIOR_CLIP, DLLPModel, attach_gates
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
-from prunelab.pruning.method import TrainingMethod
+from prunelab.pruning.method import TrainingMethod, train_set_size
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,6 @@ def _choice(option: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"method.{option}={value!r}; allowed values: {', '.join(allowed)}")
     return value
-
-
-def n_train_examples(dm: Any) -> int:
-    """Number of examples in the training split of a prunelab data module."""
-    if hasattr(dm, "split"):
-        return int(len(dm.split("train")[0]))
-    train = getattr(dm, "_train", None)
-    if train is not None:
-        return int(len(train))
-    return int(len(dm.train_dataloader().dataset))
 
 
 class DLLPHook(TrainHook):
@@ -292,7 +282,7 @@ class DLLPMethod(TrainingMethod):
             clip=tuple(self.prior["clip"]), init=self.prior["init"], gate_mode=GATES[self.gate],
             exclude=self.exclude, generator=gen,
         )
-        dllp = DLLP(dmodel, n_train_examples(ctx.datamodule), tau_start=self.tau["start"],
+        dllp = DLLP(dmodel, train_set_size(ctx.datamodule), tau_start=self.tau["start"],
                     tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight)
         return dmodel, DLLPHook(dllp, self.svgd["lr"], dllp.n_train)
 
@@ -404,36 +394,6 @@ class DLLPMethod(TrainingMethod):
 # ---------------------------------------------------------------------------------------------------------
 # compaction of the masked network
 # ---------------------------------------------------------------------------------------------------------
-def removable_group_masks(groups, keep: Mapping[str, Tensor], sites) -> dict[str, Tensor]:
-    """Group masks (True = kept) for :func:`~prunelab.pruning.structured.compact.compact`.
-
-    A unit of a group is removed iff every producer of it (``out`` members with parameters: convs, linears
-    and their BatchNorms) is a DLLP gate site (or a site's paired BatchNorm) whose unit there is pruned: then
-    the channel is exactly zero wherever it is read, and removing it leaves the function unchanged. Units of
-    groups with a producer DLLP does not gate are never removed.
-    """
-    by_layer = {s.name: s.name for s in sites if s.granularity == "unit"}
-    by_layer.update({s.bn_name: s.name for s in sites if s.bn_name is not None and s.granularity == "unit"})
-    out: dict[str, Tensor] = {}
-    for g in groups:
-        removable = torch.ones(g.num_units, dtype=torch.bool)
-        for mem in g.producers():
-            site = by_layer.get(mem.name)
-            if site is None:
-                removable[:] = False
-                break
-            pruned_here = torch.zeros(g.num_units, dtype=torch.bool)
-            idxs = torch.tensor(mem.idxs, dtype=torch.long)
-            roots = torch.tensor(mem.root_idxs, dtype=torch.long)
-            pruned_here[roots] = ~keep[site].cpu()[idxs]
-            removable &= pruned_here
-        if removable.any():
-            if removable.all():
-                removable[0] = False  # a layer keeps at least one unit (the gate site keeps one)
-            out[g.id] = ~removable
-    return out
-
-
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> int:
     """Hold masked entries at zero (``torch.nn.utils.prune.custom_from_mask``) for the parameters whose mask
     has a False entry; returns how many parameters got a mask."""
@@ -454,10 +414,14 @@ def compact_pruned(dense: nn.Module, pmasks: Mapping[str, Tensor], keep: Mapping
     """Physically remove the removable pruned units of ``dense`` (the masked plain network); the remaining
     pruned entries are held at zero by masks. Returns (compact network, info)."""
     from prunelab.pruning.structured.compact import compact
-    from prunelab.pruning.structured.groups import build_groups
+    from prunelab.pruning.structured.groups import build_groups, removable_group_masks
 
     groups = build_groups(dense, example)
-    gmasks = removable_group_masks(groups, keep, dmodel.sites)
+    # a unit is removable iff every producer of its channel (the gated layer, its BatchNorm) prunes it
+    units = [s for s in dmodel.sites if s.granularity == "unit"]
+    layer_keep = {s.name: keep[s.name] for s in units}
+    layer_keep.update({s.bn_name: keep[s.name] for s in units if s.bn_name is not None})
+    gmasks = removable_group_masks(groups, layer_keep)
     small = compact(dense, gmasks, example, groups)
     # the parameter masks of the compact network: compact a copy whose parameters ARE the masks (the channel
     # removal only selects indices, so it maps every mask entry to its parameter entry)

@@ -17,7 +17,7 @@ feature) indices belong to which unit (``idxs[i]`` belongs to unit ``root_idxs[i
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -249,3 +249,40 @@ def param_masks(
                 m = masks.setdefault(full, torch.ones_like(p, dtype=torch.bool))
                 m.index_fill_(dim, drop.to(p.device), False)
     return masks
+
+
+def removable_group_masks(
+    groups: Sequence[ChannelGroup],
+    layer_keep: dict[str, torch.Tensor],
+    counts: Callable[[GroupMember], bool] = lambda member: True,
+) -> dict[str, torch.Tensor]:
+    """Group masks (True = kept) for :func:`~prunelab.pruning.structured.compact.compact` from per-layer unit
+    masks of a method that masks layers separately (BMRS noise, DLLP gates).
+
+    ``layer_keep``: ``{producer layer name: bool per output unit of that layer}``. A unit of a group is
+    removable iff every producer member that ``counts`` has a mask and prunes it there -- then the channel is
+    exactly zero wherever it is read (residual coupling included) and removing it leaves the function
+    unchanged. A group with a counted producer without a mask, or with no counted producer, loses nothing; a
+    group never loses all its units (the first stays, zero)."""
+    out: dict[str, torch.Tensor] = {}
+    for g in groups:
+        removable = torch.ones(g.num_units, dtype=torch.bool)
+        counted = False
+        for mem in g.producers():
+            if not counts(mem):
+                continue
+            keep = layer_keep.get(mem.name)
+            if keep is None:
+                removable[:] = False
+                break
+            counted = True
+            pruned_here = torch.zeros(g.num_units, dtype=torch.bool)
+            idxs = torch.as_tensor(mem.idxs, dtype=torch.long)
+            roots = torch.as_tensor(mem.root_idxs, dtype=torch.long)
+            pruned_here[roots] = ~keep.cpu().bool()[idxs]
+            removable &= pruned_here
+        if counted and removable.any():
+            if removable.all():
+                removable[0] = False
+            out[g.id] = ~removable
+    return out
