@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = {m: correlations(args, m) for m in args.models}
+    rows = {}
+    for m in args.models:  # each model's row as soon as it is done (the big models take a while)
+        rows[m] = correlations(args, m)
+        print(f"{m}: " + ", ".join(f"{c} {v[0]:.3f}/{v[1]:.3f}" for c, v in rows[m].items()), flush=True)
     crits = [c for c in args.criteria if any(c in r for r in rows.values())]
     print("\n| model | " + " | ".join(f"{c} (Spearman / Kendall)" for c in crits) + " |")
     print("|---|" + "---|" * len(crits))
