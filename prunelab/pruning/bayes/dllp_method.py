@@ -175,9 +175,20 @@ class DLLPHook(TrainHook):
         out = {"dllp/tau": float(self.dllp.tau), "dllp/rho_mean": float(rho.mean()),
                "dllp/undecided_fraction": float(((rho > 0.2) & (rho < 0.8)).double().mean()),
                "dllp/phi_rms": math.sqrt(self._phi_sq / max(1, self._steps_in_epoch))}
-        self.history.append({k.split("/", 1)[1]: v for k, v in out.items()})
+        entry = {k.split("/", 1)[1]: v for k, v in out.items()}
+        entry["ranks_agree"] = self._ranks_agree(module)
+        self.history.append(entry)
         self._phi_sq, self._steps_in_epoch = 0.0, 0
         return out
+
+    def _ranks_agree(self, module) -> bool:
+        """Particles must be identical on every rank (the SVGD data term is rank-averaged): compare a
+        checksum of every particle logit across ranks; a mismatch is an error."""
+        sig = torch.stack([z.detach().double().sum() + (z.detach().double() ** 2).sum()
+                           for z in self.dllp.particle_parameters()]).sum().reshape(1).to(module.device)
+        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
+            raise RuntimeError("DLLP: particles differ across ranks (the SVGD data term was not synchronised)")
+        return True
 
     # checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
