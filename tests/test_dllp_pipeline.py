@@ -112,7 +112,7 @@ def test_weight_granularity_pipeline_keeps_masks_through_finetune(make_cfg):
 def test_resume_interrupted_prune_stage_matches_uninterrupted(make_cfg, tmp_path):
     over = ["model=mlp", *DLLP_RUN, "schedule.epochs=2", "prune.sparsity=0.5"]
     ref = run_pipeline(make_cfg(*over, output_dir=tmp_path / "ref"))
-    cfg = make_cfg(*over, "+callbacks.interrupt._target_=tests.test_pipeline.Interrupt",
+    cfg = make_cfg(*over, "+callbacks.interrupt._target_=tests.helpers.Interrupt",
                    "+callbacks.interrupt.stage=prune", "+callbacks.interrupt.epoch=1", output_dir=tmp_path / "r")
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
         run_pipeline(cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -93,19 +92,8 @@ def test_rerun_skips_finished_stages(make_cfg, tmp_path):
     assert r3["stages"]["pretrain"]["cached"] is True
 
 
-class Interrupt(pl.Callback):
-    """Simulates a crash (pre-emption) after ``epoch`` finished epochs of the fine-tuning stage."""
-
-    def __init__(self, stage: str = "finetune", epoch: int = 1):
-        self.stage, self.epoch = stage, epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if module.stage == self.stage and trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated pre-emption")
-
-
 def test_resume_interrupted_finetune(make_cfg, tmp_path):
-    overrides = ["finetune.epochs=3", "+callbacks.interrupt._target_=tests.test_pipeline.Interrupt",
+    overrides = ["finetune.epochs=3", "+callbacks.interrupt._target_=tests.helpers.Interrupt",
                  "+callbacks.interrupt.epoch=2"]
     cfg = make_cfg(*overrides)
     with pytest.raises(RuntimeError, match="simulated pre-emption"):
