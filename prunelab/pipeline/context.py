@@ -149,7 +149,8 @@ class RunContext:
         m = self.cfg.measure
         out: dict[str, float] = {"params": count_params(model), "flops": count_flops(model, self.input_shape)}
         if m.latency:
-            cpu_model = copy.deepcopy(model).cpu()
+            on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+            cpu_model = model if on_cpu else copy.deepcopy(model).cpu()  # timing does not modify the model
             out.update(measure_latency(cpu_model, self.input_shape, batch_sizes=list(m.batch_sizes),
                                        warmup=int(m.warmup), repeats=int(m.repeats), threads=m.threads))
         return out

@@ -17,11 +17,13 @@ pruning target is reached). ``state_dict``/``load_state_dict`` travel in the Lig
 interrupted stage resumes with the hook's state (scores, particles' optimiser, masks).
 
 Under DDP the hook runs on every rank; a hook that derives masks from data must reduce what it reads across
-ranks (``module.all_reduce_mean``) so that every rank prunes the same units.
+ranks (``module.all_reduce_mean``) so that every rank prunes the same units, and may verify it with
+``module.check_ranks_agree(masks_checksum(...), what)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -62,3 +64,12 @@ class TrainHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def masks_checksum(masks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """An exact (integer-valued float64) checksum of a sequence of bool unit masks: which units each kept."""
+    total = 0
+    for i, m in enumerate(masks):
+        m = m.flatten().bool()
+        total += (i + 1) * (int(m.nonzero().sum()) + int(m.sum()))
+    return torch.tensor(float(total), dtype=torch.float64)

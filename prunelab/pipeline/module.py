@@ -139,6 +139,17 @@ class PruneModule(pl.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
+    def check_ranks_agree(self, signature: torch.Tensor, what: str) -> bool:
+        """Raise when ``signature`` (a checksum of state every rank must hold identically: masks, particles)
+        differs across DDP ranks; True otherwise (and in a single process). Compared exactly, all-gathered."""
+        if self.trainer is None or self.trainer.world_size <= 1:
+            return True
+        sig = signature.detach().to(device=self.device, dtype=torch.float64).reshape(1)
+        gathered = self.trainer.strategy.all_gather(sig).flatten()
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"{what} differ across DDP ranks: {gathered.tolist()}")
+        return True
+
     def _sync_masks(self) -> None:
         """Masks must be identical on every rank: compare digests, and broadcast rank 0's on a mismatch."""
         digest = torch.tensor([self.masks.digest()], device=self.device)

@@ -19,7 +19,7 @@ import logging
 
 from prunelab.pipeline.context import RunContext
 from prunelab.pipeline.stages import method_prune_stage, pretrain, prune_stage, train_stage
-from prunelab.pruning.method import TrainingMethod
+from prunelab.pruning.method import TrainingMethod, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class AtInit(Schedule):
     name = "at_init"
 
     def __init__(self, train_from: str = "pretrain"):
-        if train_from not in ("pretrain", "finetune"):
-            raise ValueError(f"schedule.train_from={train_from!r}; allowed values: pretrain, finetune")
+        check_choice("schedule.train_from", train_from, ("pretrain", "finetune"))
         self.train_from = train_from
 
     def run(self, ctx: RunContext):
@@ -146,8 +145,7 @@ class TrainPrune(Schedule):
                  frequency: int = 30, k: int = 100):
         if int(epochs) < 0:
             raise ValueError(f"schedule.epochs must be >= 0, got {epochs}")
-        if recipe not in ("pretrain", "finetune"):
-            raise ValueError(f"schedule.recipe={recipe!r}; allowed values: pretrain, finetune")
+        check_choice("schedule.recipe", recipe, ("pretrain", "finetune"))
         if int(frequency) < 1 or int(k) < 1:
             raise ValueError(f"schedule.frequency={frequency} and schedule.k={k} must be >= 1")
         self.epochs, self.pretrained, self.recipe = int(epochs), bool(pretrained), recipe

@@ -12,11 +12,19 @@ Adding a method: one file with a ``TrainingMethod`` subclass and one YAML in ``c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from prunelab.pipeline.hooks import TrainHook
+
+
+def check_choice(option: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``allowed``, else a ValueError naming the option and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r}; allowed values: {', '.join(map(str, allowed))}")
+    return value
 
 
 class TrainingMethod:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from prunelab.pipeline.hooks import TrainHook
+from prunelab.pipeline.hooks import TrainHook, masks_checksum
 from prunelab.pruning.bayes import bmrs as B
-from prunelab.pruning.method import TrainingMethod, train_set_size
+from prunelab.pruning.method import TrainingMethod, check_choice, train_set_size
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +226,13 @@ class BMRSHook(TrainHook):
             group["lr"] = self.noise_lr
         return [{"params": rest}, group]
 
-    def _ranks_agree(self, module) -> bool:
-        """Masks derive from the noise parameters, which DDP keeps identical: check it with a checksum."""
-        sig = torch.tensor([float(sum((i + 1) * int(m.nonzero().sum() + m.sum())
-                                      for i, m in enumerate(self.pruner.masks().values())))],
-                           dtype=torch.float64, device=module.device)
-        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
-            raise RuntimeError("BMRS: ranks derived different masks (noise parameters not synchronised)")
-        return True
-
     def on_epoch_end(self, module) -> dict[str, float]:
         self.pruner.update_masks()
         s = self.pruner.stats(module.model)
         entry = {"epoch": int(module.current_epoch), "units_kept": s["units_kept"],
                  "frac_units_removed": s["frac_units_removed"], "frac_params_removed": s["frac_params_removed"],
-                 "ranks_agree": self._ranks_agree(module)}
+                 "ranks_agree": module.check_ranks_agree(masks_checksum(self.pruner.masks().values()),
+                                                        "BMRS masks (noise parameters)")}
         self.history.append(entry)
         return {"bmrs/units_kept": float(s["units_kept"]), "bmrs/frac_units_removed": s["frac_units_removed"],
                 "bmrs/frac_params_removed": s["frac_params_removed"]}
@@ -278,14 +270,10 @@ class BMRSMethod(TrainingMethod):
                  kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
                  log_sigma_init: float = -5.0, placement: str = "auto", sample_mode: str = "element",
                  noise_lr: float | None = None):
-        def allowed(opt, value, values):
-            if value not in values:
-                raise ValueError(f"method.{opt}={value!r}; allowed values: {', '.join(map(str, values))}")
-
-        allowed("rule", rule, B.RULES)
-        allowed("kl_scaling", kl_scaling, KL_SCALINGS)
-        allowed("placement", placement, B.PLACEMENTS)
-        allowed("sample_mode", sample_mode, B.SAMPLE_MODES)
+        check_choice("method.rule", rule, B.RULES)
+        check_choice("method.kl_scaling", kl_scaling, KL_SCALINGS)
+        check_choice("method.placement", placement, B.PLACEMENTS)
+        check_choice("method.sample_mode", sample_mode, B.SAMPLE_MODES)
         if not isinstance(code_compat, bool):
             raise ValueError(f"method.code_compat={code_compat!r}; allowed values: true, false")
         p = float(p)

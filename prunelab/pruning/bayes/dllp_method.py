@@ -56,7 +56,7 @@ from torch.nn.utils import prune as torch_prune
 from prunelab.pipeline.hooks import TrainHook
 from prunelab.pruning.bayes.dllp import DLLP, PRIOR_CLIP, DLLPModel, attach_gates
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
-from prunelab.pruning.method import TrainingMethod, train_set_size
+from prunelab.pruning.method import TrainingMethod, check_choice, train_set_size
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,6 @@ def _options(name: str, node: Any, defaults: Mapping[str, Any]) -> dict[str, Any
     if unknown:
         raise ValueError(f"method.{name}.{unknown[0]} is not an option; allowed options: {', '.join(defaults)}")
     return {**defaults, **dict(node)}
-
-
-def _choice(option: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"method.{option}={value!r}; allowed values: {', '.join(allowed)}")
-    return value
 
 
 class DLLPHook(TrainHook):
@@ -176,19 +170,12 @@ class DLLPHook(TrainHook):
                "dllp/undecided_fraction": float(((rho > 0.2) & (rho < 0.8)).double().mean()),
                "dllp/phi_rms": math.sqrt(self._phi_sq / max(1, self._steps_in_epoch))}
         entry = {k.split("/", 1)[1]: v for k, v in out.items()}
-        entry["ranks_agree"] = self._ranks_agree(module)
+        # particles must be identical on every rank (the SVGD data term is rank-averaged)
+        sig = sum(z.detach().double().sum() + z.detach().double().pow(2).sum() for z in self.dllp.particle_parameters())
+        entry["ranks_agree"] = module.check_ranks_agree(sig, "DLLP particles")
         self.history.append(entry)
         self._phi_sq, self._steps_in_epoch = 0.0, 0
         return out
-
-    def _ranks_agree(self, module) -> bool:
-        """Particles must be identical on every rank (the SVGD data term is rank-averaged): compare a
-        checksum of every particle logit across ranks; a mismatch is an error."""
-        sig = torch.stack([z.detach().double().sum() + (z.detach().double() ** 2).sum()
-                           for z in self.dllp.particle_parameters()]).sum().reshape(1).to(module.device)
-        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
-            raise RuntimeError("DLLP: particles differ across ranks (the SVGD data term was not synchronised)")
-        return True
 
     # checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -230,13 +217,13 @@ class DLLPMethod(TrainingMethod):
         t = _options("tau", tau, {"start": 1.0, "end": 0.1, "schedule": "geometric"})
         if not (float(t["start"]) > 0 and float(t["end"]) > 0):
             raise ValueError(f"method.tau.start={t['start']} and method.tau.end={t['end']} must be > 0")
-        _choice("tau.schedule", t["schedule"], TAU_SCHEDULES)
+        check_choice("method.tau.schedule", t["schedule"], TAU_SCHEDULES)
         self.tau = {"start": float(t["start"]), "end": float(t["end"]), "schedule": str(t["schedule"])}
-        self.gate = _choice("gate", gate, tuple(GATES))
+        self.gate = check_choice("method.gate", gate, tuple(GATES))
         p = _options("prior", prior, {"importance": "l2", "temperature": 1.0, "clip": list(PRIOR_CLIP),
                                       "init": "prior"})
-        _choice("prior.importance", p["importance"], IMPORTANCES)
-        _choice("prior.init", p["init"], INITS)
+        check_choice("method.prior.importance", p["importance"], IMPORTANCES)
+        check_choice("method.prior.init", p["init"], INITS)
         clip = [float(c) for c in p["clip"]]
         if len(clip) != 2 or not 0.0 < clip[0] < clip[1] < 1.0:
             raise ValueError(f"method.prior.clip={clip} must be [lo, hi] with 0 < lo < hi < 1")
@@ -248,16 +235,16 @@ class DLLPMethod(TrainingMethod):
         if float(s["lr"]) <= 0:
             raise ValueError(f"method.svgd.lr={s['lr']} must be > 0")
         self.svgd = {"lr": float(s["lr"])}
-        self.granularity = _choice("granularity", granularity, GRANULARITIES)
+        self.granularity = check_choice("method.granularity", granularity, GRANULARITIES)
         if self.granularity == "weight" and self.prior["importance"] == "bn":
             raise ValueError("method.prior.importance='bn' needs method.granularity='unit' (per-weight gates "
                              "use |w|); allowed values with granularity=weight: l2")
-        self.decision = _choice("decision", decision, DECISIONS)
+        self.decision = check_choice("method.decision", decision, DECISIONS)
         self.sparsity = None if sparsity is None else self._check_sparsity(float(sparsity))
         if int(reliability_batches) < 1:
             raise ValueError(f"method.reliability_batches={reliability_batches} must be >= 1")
         self.reliability_batches = int(reliability_batches)
-        self.reliability_split = _choice("reliability_split", reliability_split, SPLITS)
+        self.reliability_split = check_choice("method.reliability_split", reliability_split, SPLITS)
         if float(data_weight) < 0:
             raise ValueError(f"method.data_weight={data_weight} must be >= 0")
         self.data_weight = float(data_weight)

@@ -355,6 +355,16 @@ class ScoreAccumulator:
     def reset(self) -> None:
         self._sum, self.count, self.ema = {}, 0, None
 
+    def map_interval(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every interval sum ``s`` by ``fn(s)`` (e.g. the mean over DDP ranks before a pruning step)."""
+        self._sum = {gid: fn(s) for gid, s in self._sum.items()}
+
+    def state_dict(self) -> dict:
+        return {"sum": self._sum, "count": self.count, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum, self.count, self.ema = dict(state["sum"]), int(state["count"]), state["ema"]
+
 
 def batch_scores(
     criterion: str,

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.pipeline.hooks import TrainHook
-from prunelab.pruning.method import TrainingMethod
+from prunelab.pipeline.hooks import TrainHook, masks_checksum
+from prunelab.pruning.method import TrainingMethod, check_choice
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.structured.pruner import TARGET_KINDS, PruneSchedule, StructuredPruner, removed_counts
 
@@ -41,6 +41,7 @@ class StructuredHook(TrainHook):
         self.pruner = pruner
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+        self._done = pruner.done()
 
     def on_train_start(self, module) -> None:
         self.pruner.gates.to(module.device)
@@ -59,32 +60,20 @@ class StructuredHook(TrainHook):
     def after_step(self, module, batch_idx: int) -> None:
         p = self.pruner
         if p.criterion in NEEDS_OWN_PASSES and self._batch is not None:
-            p.accumulate_batch(*self._batch)
+            p.accumulate_batch(*self._batch)  # after the optimiser step: its own passes clear the gradients
             self._batch = None
-        p.batches_seen += 1
-        if p.batches_seen % p.schedule.frequency or p.done():
+        removed = p.tick(before_step=lambda: p.acc.map_interval(
+            lambda s: module.all_reduce_mean(s.to(module.device)).cpu()))
+        if removed is None:
             return
-        self._sync(module)
-        removed = p.step(p.schedule.k)
+        self._done = p.done()
         self.history.append({"batch": p.batches_seen, "removed": removed, "pruned_units": p.pruned_units(),
-                             "progress": p.progress(), "ranks_agree": self._ranks_agree(module)})
-
-    def _sync(self, module) -> None:
-        acc = self.pruner.acc
-        for gid, s in acc._sum.items():
-            acc._sum[gid] = module.all_reduce_mean(s.to(module.device)).cpu()
-
-    def _ranks_agree(self, module) -> bool:
-        """Every rank must have removed the same units: compare a checksum of the kept unit indices."""
-        sig = torch.tensor([float(sum(int(m.nonzero().sum()) * (i + 1) for i, m in
-                                      enumerate(self.pruner.gates.mask.values())))], dtype=torch.float64,
-                           device=module.device)
-        if not torch.equal(module.all_reduce_mean(sig.clone()), sig):
-            raise RuntimeError("structured pruning: ranks removed different units (scores were not synchronised)")
-        return True
+                             "progress": p.progress(), "ranks_agree": module.check_ranks_agree(
+                                 masks_checksum(p.gates.mask.values()), "structured pruning: removed units")})
 
     def should_stop(self) -> bool:
-        return self.pruner.done()
+        # the target can only be reached by a pruning step: no cost-model evaluation on every minibatch
+        return self._done
 
     def on_epoch_end(self, module) -> dict[str, float]:
         p = self.pruner
@@ -93,15 +82,15 @@ class StructuredHook(TrainHook):
 
     def state_dict(self) -> dict[str, Any]:
         p = self.pruner
-        return {"mask": {g: m.cpu() for g, m in p.gates.mask.items()}, "ema": p.acc.ema, "sum": p.acc._sum,
-                "count": p.acc.count, "batches_seen": p.batches_seen, "history": self.history,
-                "generator": p.generator.get_state()}
+        return {"mask": {g: m.cpu() for g, m in p.gates.mask.items()}, "acc": p.acc.state_dict(),
+                "batches_seen": p.batches_seen, "history": self.history, "generator": p.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         p = self.pruner
         p.gates.set_masks(state["mask"])
-        p.acc.ema, p.acc._sum, p.acc.count = state["ema"], state["sum"], state["count"]
+        p.acc.load_state_dict(state["acc"])
         p.batches_seen, self.history = state["batches_seen"], list(state["history"])
+        self._done = p.done()
         p.generator.set_state(state["generator"])
 
 
@@ -113,8 +102,7 @@ class StructuredMethod(TrainingMethod):
                  min_units: int = 1, seed: int = 0):
         self.criterion = C.check_criterion(criterion)
         self.name = criterion
-        if target_kind not in TARGET_KINDS:
-            raise ValueError(f"method.target_kind={target_kind!r}; allowed values: {', '.join(TARGET_KINDS)}")
+        check_choice("method.target_kind", target_kind, TARGET_KINDS)
         amount = float(amount)
         if target_kind != "units" and not 0.0 <= amount < 1.0:
             raise ValueError(f"method.amount={amount}: the fraction of {target_kind} to remove must be in [0, 1)")
@@ -122,10 +110,8 @@ class StructuredMethod(TrainingMethod):
             raise ValueError(f"method.amount={amount} must be >= 0")
         if not 0.0 <= float(ema) < 1.0:
             raise ValueError(f"method.ema={ema} must be in [0, 1)")
-        if normalize not in (None, *C.NORMALIZATIONS):
-            raise ValueError(f"method.normalize={normalize!r}; allowed values: null, {', '.join(C.NORMALIZATIONS)}")
-        if hessian not in ("exact", "hutchinson"):
-            raise ValueError(f"method.hessian={hessian!r}; allowed values: exact, hutchinson")
+        check_choice("method.normalize", normalize, (None, *C.NORMALIZATIONS))
+        check_choice("method.hessian", hessian, ("exact", "hutchinson"))
         self.amount, self.target_kind = amount, target_kind
         self.ema, self.normalize, self.hessian, self.samples = float(ema), normalize, hessian, int(samples)
         self.min_units, self.seed = int(min_units), int(seed)

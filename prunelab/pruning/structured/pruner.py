@@ -17,7 +17,7 @@ Use from a training loop::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -221,15 +221,23 @@ class StructuredPruner:
         logger.info("structured step: removed %d units (%d/%d pruned)", n, self.pruned_units(), self.total_units)
         return n
 
+    def tick(self, before_step: Callable[[], None] | None = None) -> int | None:
+        """Count one minibatch; every ``frequency`` minibatches, unless the target is reached, call
+        ``before_step`` (e.g. average the interval scores over DDP ranks) and prune ``k`` units. Returns the
+        number removed, or None when no pruning step was due."""
+        self.batches_seen += 1
+        if self.batches_seen % self.schedule.frequency or self.done():
+            return None
+        if before_step is not None:
+            before_step()
+        return self.step(self.schedule.k)
+
     def after_backward(self) -> int:
         """Training-loop hook: accumulate, and every ``frequency`` minibatches prune ``k`` units unless the
         target is reached. Returns the number of units removed at this call."""
         if self.criterion not in C.STATIC_CRITERIA:
             self.accumulate()
-        self.batches_seen += 1
-        if self.batches_seen % self.schedule.frequency or self.done():
-            return 0
-        return self.step(self.schedule.k)
+        return self.tick() or 0
 
     def one_shot(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], amount: float,
                  target_kind: str = "units") -> int:
