@@ -6,7 +6,6 @@ No download and tiny: the embedded default dataset of the demo. Held as uint8 (v
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
 
 from prunelab.data.base import TEST_SPLIT_STREAM, TensorData, TensorDataModule, carve_split
 from prunelab.data.registry import DATASETS
@@ -47,6 +46,8 @@ class DigitsDataModule(TensorDataModule):
         """Nothing to download (bundled with scikit-learn)."""
 
     def load_tensors(self) -> TensorData:
+        from sklearn.datasets import load_digits  # here, not at import: scikit-learn costs ~0.3 s
+
         bunch = load_digits()
         x = torch.from_numpy(bunch.images).round().to(torch.uint8).unsqueeze(1).contiguous()  # N x 1 x 8 x 8
         y = torch.from_numpy(bunch.target).to(torch.int64)
