@@ -1,0 +1,151 @@
+"""The README is executable: every ``prunelab`` / ``prunelab-report`` / ``prunelab-eval`` command it shows runs.
+
+Each command is taken from the README as written and *reduced* (tiny synthetic data of the named dataset's
+shape, one epoch of two batches, at most two values per swept option, CPU stand-ins for GPU / SLURM
+launchers, W&B offline), then run through the real CLI in one scratch folder, in README order (so a
+``prunelab-report`` finds the sweep above it). A command that fails fails the suite. ``bash scripts/...``
+lines are checked for syntax and for the scripts they name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+COMMANDS = ("prunelab", "prunelab-report", "prunelab-eval")
+
+# dataset option -> synthetic stand-in of the same shape (no download here)
+SHAPES = {
+    "mnist": ([1, 28, 28], 10), "fashion_mnist": ([1, 28, 28], 10), "npz": ([3, 32, 32], 10),
+    "cifar10": ([3, 32, 32], 10), "cifar100": ([3, 32, 32], 100), "tiny_imagenet": ([3, 64, 64], 200),
+    "imagenet": ([3, 64, 64], 1000),
+}
+FAST = {
+    "data.num_train": "128", "data.num_test": "64", "data.batch_size": "32", "pretrain.epochs": "1",
+    "finetune.epochs": "1", "trainer.limit_train_batches": "2", "trainer.limit_val_batches": "1",
+    "trainer.limit_test_batches": "1", "trainer.enable_progress_bar": "false", "measure.repeats": "2",
+    "measure.warmup": "1",
+}
+SYNTHETIC_ONLY = ("data.num_train", "data.num_test")  # options of the synthetic stand-in only
+
+
+def readme_commands(text: str) -> list[str]:
+    """Commands from the README's ``bash`` blocks (continuations joined, comments dropped) and from inline
+    code spans that start with a prunelab command, in order of appearance."""
+    found: list[tuple[int, str]] = []
+    for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        body = block.group(1).replace("\\\n", " ")
+        for i, line in enumerate(body.splitlines()):
+            line = re.sub(r"\s#.*$", "", line).strip()
+            if line and (line.split()[0] in COMMANDS or line.startswith(("make ", "bash scripts/"))):
+                found.append((block.start() + i, line))
+    outside = re.sub(r"```.*?```", lambda m: " " * len(m.group(0)), text, flags=re.S)
+    for span in re.finditer(r"`([^`\n]+)`", outside):
+        words = span.group(1).split()
+        if len(words) > 1 and words[0] in COMMANDS and "<" not in span.group(1):
+            found.append((span.start(), span.group(1).strip()))
+    return [c for _, c in sorted(found)]
+
+
+def _sweep(value: str) -> str:
+    """At most two values of a swept option (``a,b,c`` -> ``a,b``); lists and functions are left alone."""
+    if "," in value and not value.startswith(("[", "{")) and "(" not in value:
+        return ",".join(value.split(",")[:2])
+    return value
+
+
+def overlay_data(experiment: str | None) -> str | None:
+    """The ``data`` option an experiment overlay selects (``override /data: X``), if any."""
+    if not experiment:
+        return None
+    overlay = ROOT / "conf" / "experiment" / f"{experiment.split(',')[0]}.yaml"
+    match = re.search(r"override /data:\s*(\w+)", overlay.read_text()) if overlay.exists() else None
+    return match.group(1) if match else None
+
+
+def reduce_command(line: str) -> list[str] | None:
+    """The README command as a fast, offline, CPU-only argument list (None: not a prunelab run)."""
+    words = shlex.split(line)
+    if words[0] == "make":
+        if words[1:] != ["demo"]:
+            return None  # `make test` is what runs this file
+        words = ["prunelab", "experiment=demo"]
+    if words[0] != "prunelab":
+        return [sys.executable, "-m", {"prunelab-report": "prunelab.report.cli",
+                                       "prunelab-eval": "prunelab.evaluate"}[words[0]], *words[1:]]
+    if len(words) > 1 and words[1].startswith("--") and words[1] not in ("--multirun",):
+        return [sys.executable, "-m", "prunelab.cli", *words[1:]]  # --help, --cfg job, --version
+    flags, opts = [], {}
+    for w in words[1:]:
+        if w.startswith("-"):
+            flags.append(w)
+            continue
+        key, _, value = w.partition("=")
+        opts[key] = _sweep(value)
+    data = opts.get("data") or overlay_data(opts.get("experiment"))
+    if data in SHAPES:
+        shape, classes = SHAPES[data]
+        opts = {k: v for k, v in opts.items() if not (k.startswith("data.") and k != "data.batch_size")}
+        opts.update({"data": "synthetic", "data.input_shape": str(shape).replace(" ", ""),
+                     "data.num_classes": str(classes)})
+    synthetic = opts.get("data") == "synthetic"
+    opts.pop("model.weights", None)  # a local checkpoint file of the user's
+    if opts.get("trainer") == "gpu":
+        opts["trainer"] = "cpu"
+    if opts.get("trainer") == "ddp":
+        opts["trainer"], opts["trainer.devices"] = "ddp_cpu", "2"
+    if opts.get("logger.wandb.offline") == "false":
+        opts["logger.wandb.offline"] = "true"  # no network here
+    if opts.get("experiment") == "slurm":  # no cluster: the same grid on the local launcher
+        opts.pop("experiment")
+        opts = {k: v for k, v in opts.items() if not k.startswith("hydra.launcher.")}
+    if "hparams_search" in opts:
+        opts["hydra.sweeper.n_trials"] = "2"
+    for key, value in FAST.items():
+        if key not in opts and (synthetic or key not in SYNTHETIC_ONLY):
+            opts[key] = value
+    return [sys.executable, "-m", "prunelab.cli", *flags, *(f"{k}={v}" for k, v in opts.items())]
+
+
+ALL = readme_commands(README.read_text())
+
+
+def test_readme_has_commands():
+    assert sum(c.startswith("prunelab ") for c in ALL) >= 10
+    assert any(c.startswith("prunelab-report") for c in ALL)
+
+
+def test_reduction_keeps_what_the_command_selects():
+    args = reduce_command("prunelab --multirun data=cifar10 method=snip,grasp,synflow seed=0,1,2")
+    assert "data=synthetic" in args and "data.input_shape=[3,32,32]" in args
+    assert "method=snip,grasp" in args and "seed=0,1" in args and "--multirun" in args
+    assert reduce_command("make test") is None
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore",
+               PYTHONPATH=str(ROOT))
+    failures = []
+    for line in ALL:
+        if line.startswith("bash scripts/"):
+            script = ROOT / shlex.split(line)[1]
+            out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+            if not script.exists() or out.returncode:
+                failures.append(f"{line}: {out.stderr or 'missing'}")
+            continue
+        args = reduce_command(line)
+        if args is None:
+            continue
+        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            failures.append(f"{line}\n  ran: {' '.join(args[2:])}\n  {(out.stderr or out.stdout)[-1500:]}")
+    assert not failures, "README commands that fail:\n" + "\n".join(failures)
