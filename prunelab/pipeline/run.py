@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
@@ -34,7 +34,8 @@ def _check_target_options(group: str, node: DictConfig) -> None:
     if not OmegaConf.is_dict(node) or "_target_" not in node:
         raise ValueError(f"config group {group!r} must set _target_")
     target = node["_target_"]
-    fn = get_class(target) if not target.endswith("build_model") else None
+    # a class or a factory function (a user's own model: model._target_=pkg.module.make_net)
+    fn = get_method(target) if not target.endswith("build_model") else None
     if fn is None:
         return  # build_model forwards **kwargs to the architecture factory, which checks them
     sig = inspect.signature(fn)
