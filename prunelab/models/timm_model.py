@@ -33,7 +33,7 @@ def weights_location(arch: str) -> str:
 
     cfg = get_pretrained_cfg(arch)
     how = (f"on a machine with internet run `python -c \"import timm; timm.create_model('{arch}', "
-           "pretrained=True)\"` and copy the folder below to the same place here, or download the weights "
+           "pretrained=True)\"` and copy that cache entry to the same path here, or download the weights "
            "file yourself and pass model.pretrained_file=<path>")
     if cfg is not None and cfg.hf_hub_id:
         from huggingface_hub import constants
