@@ -13,7 +13,7 @@ another name), never to ``results.json``.
 
 The model: a run folder's ``model_final.pt`` (unstructured: masked network, rebuilt from its config),
 ``model_compact.pt`` (structured: the compacted network), or else its last stage record (``stages/finetune.pt``).
-The configuration: the run's resolved ``results.json`` config (``.hydra/config.yaml`` for an unfinished run),
+The configuration: the run's ``.hydra/config.yaml`` with the run's resolved ``paths`` (from ``results.json``),
 so a run folder needs nothing else; overrides use Hydra's syntax and may change ``data`` (``data=mnist``
 composes that option of ``conf/data/`` with ``hydra.searchpath`` honoured), ``trainer``, ``paths`` and
 ``measure``. The numbers come from the pipeline's own functions (``RunContext.evaluate``, ``sparsity_metrics``,
@@ -55,18 +55,26 @@ def find_model(path: Path) -> tuple[Path, Path | None]:
 
 
 def run_config(run_dir: Path | None) -> DictConfig | None:
-    """The configuration the run was made with, resolved (``results.json``), or its ``.hydra/config.yaml``
-    with ``paths`` re-rooted at the current directory (an unfinished run)."""
+    """The configuration the run was made with: its ``.hydra/config.yaml`` (interpolations kept, so that
+    ``paths.data_dir=...`` still moves ``data.data_dir``) with ``paths`` as the run resolved them
+    (``results.json``), or re-rooted at the current directory for an unfinished run; ``results.json``'s
+    resolved config when the ``.hydra`` folder is gone."""
     from prunelab.utils.io import read_json
 
-    if run_dir is None or not ((run_dir / "results.json").is_file() or (run_dir / ".hydra").is_dir()):
+    results, saved = (run_dir / "results.json", run_dir / ".hydra" / "config.yaml") if run_dir else (None, None)
+    if saved is not None and saved.is_file():
+        cfg = OmegaConf.load(saved)
+        if results.is_file():
+            cfg.paths = read_json(results)["config"]["paths"]
+        else:
+            root = os.getcwd()
+            cfg.paths = {"root": root, "data_dir": f"{root}/data", "cache_dir": f"{root}/outputs/cache",
+                         "output_dir": str(run_dir)}
+    elif results is not None and results.is_file():
+        cfg = OmegaConf.create(read_json(results)["config"])
+    else:
         return None
-    if (run_dir / "results.json").is_file():
-        return OmegaConf.create(read_json(run_dir / "results.json")["config"])
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    root = os.getcwd()
-    cfg.paths = {"root": root, "data_dir": f"{root}/data", "cache_dir": f"{root}/outputs/cache",
-                 "output_dir": str(run_dir)}
+    cfg.pop("logger", None)  # evaluation logs nowhere (and W&B tags interpolate Hydra's runtime)
     return cfg
 
 
@@ -112,7 +120,7 @@ def eval_config(base: DictConfig | None, overrides: list[str]) -> DictConfig:
         with open_dict(cfg):
             del cfg["model"]  # the default model is not this file's: the file says what it is
         return cfg
-    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
     if groups:
         under = [o.input_line for o in parsed if o.key_or_group.split(".")[0] in groups]
         composed = _compose(hydra_args + under)

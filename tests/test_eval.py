@@ -16,6 +16,7 @@ import torch
 from prunelab.evaluate import evaluate, main
 from prunelab.pipeline.run import run_pipeline
 from tests.conftest import FAST, compose_config
+from tests.test_cli import prunelab
 
 ROOT = Path(__file__).resolve().parent.parent
 SAME = ("test_acc", "test_loss", "sparsity_direct", "compression_direct", "sparsity_effective",
@@ -25,14 +26,17 @@ SAME = ("test_acc", "test_loss", "sparsity_direct", "compression_direct", "spars
 
 @pytest.fixture(scope="module")
 def unstructured_run(tmp_path_factory) -> Path:
+    """A run of the real CLI (its folder has ``.hydra/``)."""
     root = tmp_path_factory.mktemp("unstructured")
-    cfg = compose_config(root, FAST + ["method=magnitude", "prune.sparsity=0.8", "measure.latency=false"])
-    run_pipeline(cfg)
-    return Path(cfg.paths.output_dir)
+    out = prunelab(root, *FAST, "method=magnitude", "prune.sparsity=0.8", "measure.latency=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (results,) = root.glob("outputs/runs/default/*/results.json")
+    return results.parent
 
 
 @pytest.fixture(scope="module")
 def structured_run(tmp_path_factory) -> Path:
+    """An in-process run (no ``.hydra/``: the config comes from results.json)."""
     root = tmp_path_factory.mktemp("structured")
     cfg = compose_config(root, FAST + ["model=lenet5", "method=l2_norm", "method.amount=0.5",
                                        "measure.latency=false"])
@@ -90,6 +94,9 @@ def test_eval_data_overrides(unstructured_run, tmp_path):
     assert record["config"]["data"]["num_test"] == 512 and record["config"]["data"]["num_train"] == 2048
     assert record["config"]["data"]["data_dir"] == run_cfg["paths"]["data_dir"]
     assert record["config"]["data"]["seed"] == run_cfg["seed"]
+    # the run's own data node keeps its interpolations: moving paths.data_dir moves data.data_dir
+    record = evaluate(unstructured_run, ["paths.data_dir=/elsewhere/data", "measure.latency=false"], output=out)
+    assert record["config"]["data"]["data_dir"] == "/elsewhere/data"
 
 
 def test_eval_errors(unstructured_run, tmp_path):
