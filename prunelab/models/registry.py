@@ -33,7 +33,9 @@ def build_model(
 ) -> nn.Module:
     """Build ``name`` for inputs of shape ``input_shape`` (C, H, W) and ``num_classes`` outputs.
 
-    ``weights``: a local state-dict file to start from (e.g. torchvision's ``resnet50-19c8e357.pth``, the
+    Pretrained weights through a library's own API are options of its factory (``model=timm
+    model.pretrained=true``, ``model=torchvision model.weights_name=DEFAULT``: ``timm_model.py``,
+    ``torchvision_model.py``). ``weights``: a local state-dict file to start from (e.g. torchvision's ``resnet50-19c8e357.pth``, the
     pretrained model the structured-pruning papers prune); with ``pretrain.epochs=0`` the pipeline prunes it
     as it is. The file must exist and match the architecture (checked here, before any training).
 
@@ -49,6 +51,8 @@ def build_model(
     except TypeError as e:
         raise TypeError(f"model {name!r}: bad option ({e})") from e
     except ValueError as e:
+        if str(e).startswith("model."):  # a bad option value, named by the factory
+            raise
         raise ValueError(f"model={name} does not fit the data (input_shape {list(input_shape)}): {e}") from e
     if weights:
         load_weights(model, name, weights)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
@@ -34,7 +34,8 @@ def _check_target_options(group: str, node: DictConfig) -> None:
     if not OmegaConf.is_dict(node) or "_target_" not in node:
         raise ValueError(f"config group {group!r} must set _target_")
     target = node["_target_"]
-    fn = get_class(target) if not target.endswith("build_model") else None
+    # a class or a factory function (a user's own model: model._target_=pkg.module.make_net)
+    fn = get_method(target) if not target.endswith("build_model") else None
     if fn is None:
         return  # build_model forwards **kwargs to the architecture factory, which checks them
     sig = inspect.signature(fn)
@@ -198,6 +199,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     model, masks = ctx.schedule.run(ctx)
     if masks is None and getattr(ctx.scorer, "structured", False) and is_rank_zero():
         export_compact(ctx, model)
+    elif masks is not None and is_rank_zero():  # unstructured: the masked network, rebuilt by prunelab-eval
+        from prunelab.export import FINAL_FILE, save_final
+
+        save_final(model, masks, OmegaConf.to_container(cfg.model, resolve=True), ctx.input_shape,
+                   ctx.num_classes, Path(ctx.run_dir) / FINAL_FILE)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "run_id": stable_hash(identity(cfg)),
@@ -219,14 +225,12 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 
 def export_compact(ctx: RunContext, model) -> None:
-    """The pruned network as a plain module: ``model_compact.pt`` (loads with ``torch.load``, no prunelab
-    surgery needed) and, with ``measure.onnx``, ``model_compact.onnx``."""
-    from prunelab.pruning.structured.compact import export_onnx, save_compact
+    """The compacted network: ``model_compact.pt2`` (torch.export, plain PyTorch loads it), its state dict,
+    the pickled module ``model_compact.pt`` and, with ``measure.onnx``, ``model_compact.onnx``
+    (:mod:`prunelab.export`)."""
+    from prunelab.export import export_compact as export
 
-    model = model.cpu().eval()
-    save_compact(model, ctx.run_dir / "model_compact.pt")
-    if ctx.cfg.measure.onnx:
-        export_onnx(model, ctx.run_dir / "model_compact.onnx", torch.zeros(1, *ctx.input_shape))
+    export(model, ctx.run_dir, ctx.input_shape, onnx=bool(ctx.cfg.measure.onnx))
 
 
 def _finish_wandb(ctx: RunContext) -> None:
