@@ -78,6 +78,7 @@ class MeasureConfig:
 class PrunelabConfig:
     name: str = "default"
     seed: int = 0
+    threads: int | None = None    # torch threads for the whole run (null: torch's default); see README Determinism
     prune: PruneConfig = field(default_factory=PruneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -92,6 +93,7 @@ class PrunelabConfig:
     logger: Any = None
     experiment: Any = None
     hparams_search: Any = None
+    debug: str | None = None      # set by the debug group (conf/debug/): the option's name
     callbacks: Any = field(default_factory=dict)  # extra Lightning callbacks: {name: {_target_: ...}}
 
 
@@ -100,7 +102,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
-NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure"}
+# ``debug`` only names the debug option; the settings it changes (trainer limits, epochs) are in the identity.
+NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug"}
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
 
 

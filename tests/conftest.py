@@ -35,6 +35,11 @@ FAST = [
 ]
 
 
+# FAST without trainer.limit_*: a full run (not a debug run, so it uses the shared dense cache) on 80 samples
+# (72 train: two batches of 32; 8 validation; 64 test). For tests of the shared dense cache.
+FULL = [o for o in FAST if not o.startswith(("trainer.limit_", "data.num_train="))] + ["data.num_train=80"]
+
+
 def compose_config(root: Path, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

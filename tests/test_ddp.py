@@ -6,14 +6,16 @@ the sums are all-reduced, so both ranks get the scores and masks of one process 
   (3 batches on 2 ranks) and an empty one (1 batch: rank 1 scores nothing and still joins the reduction).
 - ``test_ddp_pipeline_scores_match_single_process``: the CLI under ``trainer=ddp_cpu`` (the process group is
   up at the prune stage because pretraining ran under DDP) vs the same config single-process on the dense
-  model the DDP run cached: identical masks, and the finetune stage's ``mask_sync`` says the ranks agreed
-  before any broadcast.
+  model the DDP run trained (loaded with ``model.weights``: the dense cache keeps DDP and single-process
+  models apart): identical masks, and the finetune stage's ``mask_sync`` says the ranks agreed before any
+  broadcast.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,12 +107,14 @@ def test_ddp_pipeline_scores_match_single_process(tmp_path):
     out = prunelab(tmp_path, *args, "trainer=ddp_cpu", "trainer.devices=2", timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     (ddp_file,) = results_files(tmp_path)
-    out = prunelab(tmp_path, *args, timeout=300)  # same dense cache: the weights the DDP run pretrained
+    ddp_dense = Path(json.loads(ddp_file.read_text())["stages"]["pretrain"]["dir"]) / "model.pt"
+    # single process on the weights the DDP run pretrained
+    out = prunelab(tmp_path, *args, f"+model.weights={ddp_dense}", "pretrain.epochs=0", timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     (single_file,) = [f for f in results_files(tmp_path) if f != ddp_file]
     ddp, single = (json.loads(f.read_text()) for f in (ddp_file, single_file))
-
-    assert single["stages"]["pretrain"]["cached"] is True and ddp["stages"]["pretrain"]["cached"] is False
+    single_dense = torch.load(Path(single["stages"]["pretrain"]["dir"]) / "model.pt", weights_only=True)
+    assert all(torch.equal(v, single_dense[k]) for k, v in torch.load(ddp_dense, weights_only=True).items())
     assert ddp["stages"]["prune"]["target_info"]["score_world_size"] == 2  # scored in shards, reduced
     assert single["stages"]["prune"]["target_info"]["score_world_size"] == 1
     sync = ddp["stages"]["finetune"]["mask_sync"]

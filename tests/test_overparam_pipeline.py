@@ -95,8 +95,7 @@ def test_structured_oneshot_then_overparam_finetune(make_cfg, monkeypatch, strat
         assert strat["spkd"]["gamma"] == 3000.0
         assert strat["spkd"]["positions"] == strat["expanded_layers"]
         # the teacher is the cached dense model, frozen: no gradient, weights unchanged by fine-tuning
-        dense = torch.load(Path(cfg.paths.cache_dir) / "dense" / res["stages"]["pretrain"]["key"] / "model.pt",
-                           weights_only=True)
+        dense = torch.load(Path(res["stages"]["pretrain"]["dir"]) / "model.pt", weights_only=True)
         assert all(g is None for g in seen["teacher_grads"]) and not seen["teacher_trainable"]
         for k, v in dense.items():
             assert torch.equal(seen["teacher"][k].cpu(), v), k

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from prunelab.pipeline.run import run_pipeline
 from prunelab.pruning.masks import MaskSet
+from tests.conftest import FULL
 
 MODELS = [
     ("lenet_300_100", "[1,28,28]"),
@@ -70,13 +72,14 @@ def test_final_model_respects_masks(make_cfg, tmp_path):
 
 
 def test_cache_second_sparsity_does_not_pretrain(make_cfg, tmp_path):
-    r1 = run_pipeline(make_cfg("prune.sparsity=0.5", output_dir=tmp_path / "a"))
+    # full runs (no trainer.limit_*): debug-limited runs keep their dense model in the run folder
+    r1 = run_pipeline(make_cfg(*FULL, "prune.sparsity=0.5", fast=False, output_dir=tmp_path / "a"))
     assert r1["stages"]["pretrain"]["cached"] is False
-    r2 = run_pipeline(make_cfg("prune.sparsity=0.9", "method=random", output_dir=tmp_path / "b"))
+    r2 = run_pipeline(make_cfg(*FULL, "prune.sparsity=0.9", "method=random", fast=False, output_dir=tmp_path / "b"))
     assert r2["stages"]["pretrain"]["cached"] is True
     assert r2["stages"]["pretrain"]["metrics"] == r1["stages"]["pretrain"]["metrics"]
     # another seed is another dense model
-    r3 = run_pipeline(make_cfg("prune.sparsity=0.9", "seed=1", output_dir=tmp_path / "c"))
+    r3 = run_pipeline(make_cfg(*FULL, "prune.sparsity=0.9", "seed=1", fast=False, output_dir=tmp_path / "c"))
     assert r3["stages"]["pretrain"]["cached"] is False
     assert len(list((tmp_path / "outputs" / "cache" / "dense").iterdir())) == 2
 
@@ -126,7 +129,7 @@ def test_at_init_and_iterative_schedules(make_cfg, tmp_path):
 def test_iterative_rewinds_to_init(make_cfg, tmp_path):
     r = run_pipeline(make_cfg("schedule=iterative", "schedule.rounds=1", "schedule.rewind_epoch=0",
                               "finetune.epochs=0", "prune.sparsity=0.5"))
-    init = torch.load(next((tmp_path / "outputs" / "cache" / "dense").iterdir()) / "init.pt")
+    init = torch.load(Path(r["stages"]["pretrain"]["dir"]) / "init.pt")
     final = torch.load(tmp_path / "run" / "stages" / "finetune.pt", weights_only=False)
     masks = final["masks"]
     for name, m in masks.items():

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import FULL
 from tests.test_cli import FAST, prunelab
 
 
 def test_joblib_multirun_shares_cache_and_reruns_nothing(tmp_path):
-    args = ["-m", "experiment=sweep_local", *FAST, "logger=none", "method=magnitude,random",
+    # full runs: a debug-limited run (trainer.limit_*) would keep its dense model in its own folder
+    args = ["-m", "experiment=sweep_local", *FULL, "logger=none", "method=magnitude,random",
             "prune.sparsity=0.5,0.9"]
     out = prunelab(tmp_path, *args, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

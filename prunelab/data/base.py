@@ -9,6 +9,7 @@ converted / augmented / normalised batched on the device in ``on_after_batch_tra
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,10 @@ class TensorDataModule(BaseDataModule):
         super().__init__(*args, **kwargs)
         self.mean: tuple[float, ...] | None = None if mean is None else tuple(float(v) for v in mean)
         self.std: tuple[float, ...] | None = None if std is None else tuple(float(v) for v in std)
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise ValueError(f"data.mean={list(self.mean)}: must be finite numbers")
+        if self.std is not None and not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError(f"data.std={list(self.std)}: must be finite and > 0")
         self.pixel_scale = 1.0
         self._splits: dict[str, Batch] = {}
         self._aug_gen: torch.Generator | None = None
@@ -227,6 +232,8 @@ class TensorDataModule(BaseDataModule):
         if self._splits:
             return
         data = self.load_tensors()
+        self.check_finite(data.x_train, "training")
+        self.check_finite(data.x_test, "test")
         x_tr, y_tr = data.x_train, data.y_train.to(torch.int64)
         keep, val = carve_split(len(x_tr), self.val_fraction, self.seed)
         self._splits = {
@@ -247,6 +254,15 @@ class TensorDataModule(BaseDataModule):
             self.name, *(len(self._splits[s][0]) for s in ("train", "val", "test")),
             self._input_shape, self._num_classes,
         )  # fmt: skip
+
+    def check_finite(self, x: Tensor, split: str) -> None:
+        """Raise when floating-point images hold NaN/Inf (every loss would be NaN); uint8 images cannot."""
+        if not x.is_floating_point():
+            return
+        bad = int(x.numel() - torch.isfinite(x).sum())
+        if bad:
+            raise ValueError(f"data={self.name}: the {split} images hold {bad} non-finite values (NaN/Inf) of "
+                             f"{x.numel()}; check the data options (data.*) or the files they point to")
 
     def split(self, name: str) -> Batch:
         """The raw ``(x, y)`` tensors of split ``name`` in ``{"train", "val", "test"}`` (after :meth:`setup`)."""

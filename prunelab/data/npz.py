@@ -6,8 +6,10 @@ and ``y_test`` (otherwise a seeded test split of ``test_fraction`` is carved fro
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from prunelab.data.base import TEST_SPLIT_STREAM, TensorData, TensorDataModule, carve_split
 from prunelab.data.registry import DATASETS
+from prunelab.utils.io import file_fingerprint
 
 
 def _images(arr: np.ndarray, path: Path, key: str) -> Tensor:
@@ -27,6 +30,11 @@ def _images(arr: np.ndarray, path: Path, key: str) -> Tensor:
         raise TypeError(f"{path}: array {key!r} must be uint8 or floating, got dtype {arr.dtype}")
     if min(arr.shape) < 1:
         raise ValueError(f"{path}: array {key!r} is empty (shape {tuple(arr.shape)})")
+    if arr.dtype != np.uint8:
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"{path}: array {key!r} holds {bad} non-finite values (NaN/Inf); training on them "
+                             "gives NaN losses. Fix or replace the file (data.path)")
     t = torch.from_numpy(np.ascontiguousarray(arr))
     t = t if t.dtype == torch.uint8 else t.to(torch.float32)
     return t.unsqueeze(1) if t.ndim == 3 else t
@@ -37,6 +45,8 @@ def _labels(arr: np.ndarray, n: int, path: Path, key: str) -> Tensor:
     if arr.ndim != 1 or len(arr) != n:
         raise ValueError(f"{path}: array {key!r} must be 1-D with {n} labels, got shape {tuple(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise ValueError(f"{path}: array {key!r} holds non-finite labels (NaN/Inf)")
         if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.mod(arr, 1) == 0):
             raise TypeError(f"{path}: array {key!r} must hold integer class labels, got dtype {arr.dtype}")
     if n and arr.min() < 0:
@@ -101,6 +111,7 @@ class NpzDataModule(TensorDataModule):
         self.crop_padding = int(crop_padding)
         self.hflip = bool(hflip)
         self.resized_crop = None if resized_crop is None else (int(resized_crop[0]), int(resized_crop[1]))
+        self._fingerprint: dict[str, Any] | None = None
 
     def resolved_path(self) -> Path:
         """``path`` as given if it exists (or is absolute), else ``data_dir / path``."""
@@ -118,11 +129,24 @@ class NpzDataModule(TensorDataModule):
                 "expected a .npz archive with arrays 'x', 'y' and optionally 'x_test', 'y_test'"
             )
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Size and SHA-256 of the archive: part of the dense-cache key, so that a replaced file (same path,
+        other data) is never served the dense model trained on the old one."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.resolved_path())
+        return self._fingerprint
+
     def load_tensors(self) -> TensorData:
         self.prepare_data()
         p = self.resolved_path()
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{p} (data.path={self.path!r}) is not a readable .npz archive ({type(e).__name__}); expected "
+                "np.savez output with arrays 'x', 'y' and optionally 'x_test', 'y_test'"
+            ) from None
         for key in ("x", "y"):
             if key not in arrays:
                 raise KeyError(f"{p}: missing array {key!r} (found: {sorted(arrays)})")

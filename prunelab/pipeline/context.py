@@ -1,5 +1,11 @@
 """Everything a schedule needs for one run, built once from the config, and the one place that reads and
-writes run artefacts (stage records, masks, checkpoints) and the dense-model cache."""
+writes run artefacts (stage records, masks, checkpoints) and the dense-model cache.
+
+Artefacts are trusted only after a check: a stage record must hold its required keys and its state file
+must be an intact archive with the expected entries (:meth:`RunContext.load_done`), an epoch checkpoint
+must be intact before training resumes from it; anything damaged is moved aside or ignored (with a warning
+naming the file) and recomputed. A model holding NaN/Inf is never recorded
+(:meth:`RunContext.save_stage`) and no sparsity is derived from it (:meth:`RunContext.sparsity_metrics`)."""
 
 from __future__ import annotations
 
@@ -11,23 +17,30 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prunelab.config import identity, stable_hash
 from prunelab.finetune.base import Finetune
 from prunelab.metrics.flops import masked_flops
 from prunelab.metrics.latency import count_flops, count_params, measure_latency
+from prunelab.pipeline.cache import DenseEntry, debug_mode, dense_identity, dense_key, determinism_record
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.allocation import Allocation
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Scorer
-from prunelab.utils.io import atomic_torch_save, atomic_write_json, read_json
+from prunelab.utils.finite import check_finite_model, optimizer_advice
+from prunelab.utils.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    load_torch,
+    move_aside,
+    read_record,
+    torch_archive_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,17 @@ class RunContext:
     callbacks_cfg: list = field(default_factory=list)
     stages: dict[str, dict] = field(default_factory=dict)
     extra_final: dict[str, Any] = field(default_factory=dict)
+    # None for a full run; the debug option (``fdr``, ``limit``, ... or ``trainer.limit_train_batches=2``)
+    # of a debug run, whose dense model lives in ``<run_dir>/cache`` (results.json ``debug``)
+    debug: str | None = None
+    # threads and deterministic flags the run used (results.json ``determinism``)
+    determinism: dict[str, Any] = field(default_factory=dict)
+    # stage -> the config options of its optimiser (named when the stage diverges)
+    stage_options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.debug = debug_mode(self.cfg)
+        self.determinism = self.determinism or determinism_record(self.cfg)
 
     # model ------------------------------------------------------------------------------------------
     @property
@@ -94,11 +118,29 @@ class RunContext:
 
     def module(self, model: nn.Module, stage: str, optimizer, scheduler, masks: MaskSet | None = None,
                extra_loss=None, hook=None) -> PruneModule:
+        options = self._options_of(optimizer, stage)
+        if options is not None:
+            self.stage_options[stage] = options
         return PruneModule(model, self.num_classes, OmegaConf.to_container(optimizer, resolve=True)
                            if OmegaConf.is_config(optimizer) else dict(optimizer),
                            OmegaConf.to_container(scheduler, resolve=True)
                            if OmegaConf.is_config(scheduler) else dict(scheduler),
-                           stage=stage, masks=masks, extra_loss=extra_loss, hook=hook)
+                           stage=stage, masks=masks, extra_loss=extra_loss, hook=hook,
+                           options=options or f"the optimizer options of stage {stage}")
+
+    def _options_of(self, optimizer, stage: str) -> str | None:
+        """The config path of an optimiser's options (``pretrain.optimizer``, ``finetune.optimizer``), if known."""
+        if OmegaConf.is_config(optimizer):
+            key = optimizer._get_full_key(None)
+            if key:
+                return str(key)
+        if optimizer is getattr(self.finetune, "optimizer", None):
+            return "finetune.optimizer"
+        return None
+
+    def advice(self, stage: str) -> str:
+        """What to change when ``stage`` produced a non-finite model."""
+        return optimizer_advice(self.stage_options.get(stage, f"the optimizer options of stage {stage}"))
 
     def fit(self, module: PruneModule, epochs: int, ckpt_dir: Path, callbacks: list | None = None) -> float:
         """Train ``module`` for ``epochs``, checkpointing every epoch into ``ckpt_dir`` and resuming from
@@ -108,9 +150,14 @@ class RunContext:
             return 0.0
         last = ckpt_dir / "last.ckpt"
         trainer = self.trainer(epochs, ckpt_dir, callbacks)
-        if last.exists():
+        resume = last.exists()
+        if resume and (reason := torch_archive_error(last)) is not None:
+            if is_rank_zero():  # never loaded: the stage starts over
+                move_aside(last, f"epoch checkpoint: {reason}")
+            resume = False
+        if resume:
             log.info("%s: resuming from %s", module.stage, last)
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if resume else None)
         if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful stop: the stage is not done
             raise KeyboardInterrupt(f"{module.stage} interrupted; re-run the same command to resume")
         return time.perf_counter() - start
@@ -124,6 +171,9 @@ class RunContext:
 
     # sparsity ---------------------------------------------------------------------------------------
     def sparsity_metrics(self, model: nn.Module, masks: MaskSet, stage: str) -> dict[str, Any]:
+        # Effective sparsity follows paths of non-zero weights: with NaN weights it would report "layer
+        # collapse" (and sparsity 1.0) for a model that is merely broken.
+        check_finite_model(model, f"{stage}: the model", self.advice(stage))
         eff = effective_sparsity_report(model, masks, self.input_shape)
         flops = masked_flops(model, self.input_shape, masks)
         total = count_params(model)
@@ -186,14 +236,30 @@ class RunContext:
     def stage_path(self, stage: str, suffix: str) -> Path:
         return self.run_dir / "stages" / f"{stage}.{suffix}"
 
-    def stage_done(self, stage: str) -> dict | None:
-        rec, state = self.stage_path(stage, "json"), self.stage_path(stage, "pt")
-        if rec.exists() and state.exists():
-            return read_json(rec)
-        return None
+    def load_done(self, stage: str, record_keys: tuple[str, ...] = (),
+                  state_keys: tuple[str, ...] = ("model", "masks")) -> tuple[dict, dict] | None:
+        """``(record, state)`` of a stage finished earlier, or None: not run, or its files cannot be trusted.
+        The record (``stages/<stage>.json``) must hold ``metrics.<stage>/test/acc`` and ``record_keys``, the
+        state (``<stage>.pt``) must be an intact archive holding ``state_keys``. A damaged state is moved
+        aside (never loaded), an invalid record is reported; the stage then runs again."""
+        rec_file, state_file = self.stage_path(stage, "json"), self.stage_path(stage, "pt")
+        if not (rec_file.exists() and state_file.exists()):
+            return None
+        record = read_record(rec_file, (f"metrics.{stage}/test/acc", *record_keys), what="stage record")
+        if record is None:
+            return None
+        # stage states hold pickled modules (compacted networks): weights_only=False, on checksummed bytes
+        state = load_torch(state_file, weights_only=False, move=is_rank_zero(), required=state_keys,
+                           what="stage state")
+        if state is None:
+            return None
+        log.info("%s: loaded from %s", stage, rec_file)
+        return record, state
 
     def save_stage(self, stage: str, record: dict, model: nn.Module | None, masks: MaskSet | None,
                    extra: dict | None = None) -> None:
+        if model is not None:
+            check_finite_model(model, f"{stage}: the trained model", self.advice(stage))
         self.stages[stage] = record
         if not is_rank_zero():
             return
@@ -202,18 +268,21 @@ class RunContext:
         atomic_torch_save(state, self.stage_path(stage, "pt"))
         atomic_write_json(record, self.stage_path(stage, "json"))
 
-    def load_stage(self, stage: str) -> dict:
-        return torch.load(self.stage_path(stage, "pt"), map_location="cpu", weights_only=False)
-
     # dense cache --------------------------------------------------------------------------------------
+    def dense_identity(self) -> dict[str, Any]:
+        """What the dense model depends on (:func:`prunelab.pipeline.cache.dense_identity`), with the data
+        module's file fingerprint when it has one."""
+        fingerprint = getattr(self.datamodule, "fingerprint", None)
+        return dense_identity(self.cfg, fingerprint() if callable(fingerprint) else None)
+
     def dense_key(self) -> str:
-        """Hash of only what determines the dense pretrained model: data, model, pretraining, seed."""
-        ident = identity(self.cfg, keys=["data", "model", "pretrain", "seed"])
-        ident["trainer_precision"] = str(self.cfg.trainer.get("precision", "32-true"))
-        return stable_hash(ident, 16)
+        return dense_key(self.dense_identity())
+
+    def dense_entry(self) -> DenseEntry:
+        return DenseEntry(self.cache_dir, self.dense_identity())
 
     def dense_dir(self) -> Path:
-        return self.cache_dir / "dense" / self.dense_key()
+        return self.dense_entry().dir
 
     def clone(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)

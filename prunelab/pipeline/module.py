@@ -4,6 +4,11 @@ Pruned weights stay exactly zero: gradients of pruned weights are zeroed before 
 weights re-masked after it (two fused ``_foreach_mul_`` calls per step, no Python loop over parameters).
 The step uses Lightning's manual optimisation (see ``training_step``).
 Metrics are logged with the stage as prefix: ``pretrain/train/loss``, ``finetune/val/acc``, ...
+
+A diverged stage stops with :class:`~prunelab.utils.finite.NonFiniteError` naming the options to change: the
+running loss sum the step already keeps on the device is checked every ``log_every_n_steps`` steps (the steps
+that log the loss anyway; no extra per-step work or host sync) and at the end of every epoch, before the epoch
+checkpoint is written. Under DDP the check is all-reduced, so every rank stops together.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from prunelab.finetune.base import ExtraLoss
 from prunelab.pipeline.hooks import TrainHook
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.masks import MaskSet
+from prunelab.utils.finite import NonFiniteError, optimizer_advice
 
 
 class PruneModule(pl.LightningModule):
@@ -34,6 +40,7 @@ class PruneModule(pl.LightningModule):
         masks: MaskSet | None = None,
         extra_loss: ExtraLoss | None = None,
         hook: TrainHook | None = None,
+        options: str = "the optimizer",
     ):
         super().__init__()
         self.model = model
@@ -44,6 +51,7 @@ class PruneModule(pl.LightningModule):
         self.extra_loss = extra_loss
         self.hook = hook or TrainHook()
         self.mask_sync: dict | None = None
+        self.options = options  # the config options of this stage's optimiser, named when training diverges
         self.automatic_optimization = False
         self._train_sums = torch.zeros(3)
         self._extra_sum = torch.zeros(())
@@ -88,13 +96,27 @@ class PruneModule(pl.LightningModule):
             n = torch.tensor(float(len(y)), device=loss.device)
             self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
         if batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite_loss()
             self.log(f"{self.stage}/train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = torch.zeros(3, device=self.device)
         self._extra_sum = torch.zeros((), device=self.device)
 
+    def check_finite_loss(self) -> None:
+        """Raise :class:`NonFiniteError` when a training loss of this epoch was NaN/Inf (on any rank)."""
+        bad = (~torch.isfinite(self._train_sums[0])).float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) > 0:
+            lr = self.optimizer_cfg.get("lr")
+            raise NonFiniteError(
+                f"{self.stage}: the training loss became non-finite (NaN/Inf) in epoch {self.current_epoch} "
+                f"(by step {self.global_step}): training diverged; nothing was recorded or cached. "
+                + optimizer_advice(self.options, lr))
+
     def on_train_epoch_end(self) -> None:
+        self.check_finite_loss()  # before the hooks (they may prune from the weights) and the epoch checkpoint
         for key, value in self.hook.on_epoch_end(self).items():
             self.log(f"{self.stage}/{key}", float(value))
         loss_sum, correct, count = self._train_sums.tolist()

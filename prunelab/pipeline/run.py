@@ -19,10 +19,11 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
+from prunelab.pipeline.cache import cache_root, configure_determinism, hold_run_dir, release_run_dirs
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
 from prunelab.pruning.method import TrainingMethod
-from prunelab.utils.io import atomic_write_json, check_writable, read_json
+from prunelab.utils.io import atomic_write_json, check_writable, read_record
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     ``run.json`` records the run's hash; another configuration's folder is an error, not silently reused."""
     run_id = stable_hash(identity(cfg))
     marker = run_dir / "run.json"
-    if marker.exists():
-        other = read_json(marker).get("run_id")
+    claimed = read_record(marker, ("run_id",), what="run record")  # damaged: treated as unclaimed
+    if claimed is not None:
+        other = claimed["run_id"]
         if other != run_id:
             raise ValueError(
                 f"paths.output_dir={run_dir} holds a run of another configuration (run_id {other}, this one is "
@@ -97,9 +99,11 @@ def _instantiate(node, **kwargs):
 
 def build_context(cfg: DictConfig) -> RunContext:
     sparsity = validate(cfg)
+    configure_determinism(cfg)  # threads and deterministic algorithms, before data statistics are computed
     run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
+    hold_run_dir(run_dir)  # one process per run folder (released by run_pipeline)
     claim_run_dir(run_dir, cfg)
-    cache_dir = check_writable(cfg.paths.cache_dir, "paths.cache_dir")
+    cache_dir = cache_root(cfg, run_dir)  # <run_dir>/cache for debug runs
     # Cheap objects first (their constructors check their options), then the data, then the model.
     scorer = _instantiate(cfg.method)
     allocation = _instantiate(cfg.allocation)
@@ -178,9 +182,13 @@ def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
     marker, results_file = run_dir / "run.json", run_dir / "results.json"
     if not (marker.exists() and results_file.exists()):
         return None
-    if read_json(marker).get("run_id") != stable_hash(identity(cfg)):
-        return None  # claim_run_dir reports the clash
-    results = read_json(results_file)
+    claimed = read_record(marker, ("run_id",), what="run record")
+    if claimed is None or claimed["run_id"] != stable_hash(identity(cfg)):
+        return None  # claim_run_dir reports a clash
+    # an empty, truncated or incomplete results.json is recomputed (the stages are reused)
+    results = read_record(results_file, ("run_id", "final", "stages"), what="results file")
+    if results is None:
+        return None
     results["results_file"] = str(results_file)
     results["skipped"] = True
     return results
@@ -188,6 +196,13 @@ def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured experiment; returns the results dict (also written to ``results.json``)."""
+    try:
+        return _run_pipeline(cfg)
+    finally:
+        release_run_dirs()
+
+
+def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     done = finished_results(cfg)
     if done is not None:
@@ -212,6 +227,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         "layers": layer_rows(ctx, masks),
         "wall_time_s": time.perf_counter() - start,
         "torch": torch.__version__,
+        "debug": ctx.debug,
+        "determinism": ctx.determinism,
     }
     for lg in ctx.loggers:
         lg.log_hyperparams({"final/" + k: v for k, v in results["final"].items()

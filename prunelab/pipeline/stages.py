@@ -1,8 +1,9 @@
 """The stages shared by every schedule: pretrain (cached), prune, fine-tune.
 
 Each stage records its metrics in ``<run_dir>/stages/<stage>.json`` next to its state
-(``<stage>.pt``: model state dict and masks); a stage whose record exists is loaded instead of re-run, and
-a training stage interrupted mid-way resumes from its last epoch checkpoint.
+(``<stage>.pt``: model state dict and masks); a stage whose record and state exist and pass their checks
+(:meth:`RunContext.load_done`) is loaded instead of re-run, and a training stage interrupted mid-way resumes
+from its last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.target import prune_to_target
-from prunelab.utils.io import atomic_torch_save, atomic_write_json, file_lock, read_json
+from prunelab.utils.finite import check_finite_model
+from prunelab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +44,56 @@ class SaveWeightsAtEpoch(pl.Callback):
 
 def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Module, dict, dict]:
     """The dense pretrained model, from the cache or trained now (under a file lock, so concurrent runs of a
-    sweep pretrain once). Returns (model, init_state, record); the record says whether it was cached."""
-    cache = ctx.dense_dir()
-    model_file, init_file, rec_file = cache / "model.pt", cache / "init.pt", cache / "metrics.json"
-    rewind_file = cache / f"rewind_epoch{rewind_epoch}.pt" if rewind_epoch else None
-
-    def cached() -> bool:
-        return model_file.exists() and rec_file.exists() and (rewind_file is None or rewind_file.exists())
-
+    sweep pretrain once). Returns (model, init_state, record); the record says whether it was cached and
+    where (``dir``). See :mod:`prunelab.pipeline.cache` for the key and the checks made before a reuse."""
+    entry = ctx.dense_entry()
     model = ctx.build_model()
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def reuse(move: bool) -> tuple[nn.Module, dict, dict] | None:
+        hit = entry.load(model, rewind_epoch, move=move)
+        if hit is None:
+            return None
+        log.info("pretrain: dense model loaded from cache %s", entry.dir)
+        record = dict(hit[1], cached=True, dir=str(entry.dir))
+        ctx.stages["pretrain"] = record
+        return model, hit[0], record
+
+    # Without the lock first: a complete entry never changes, and a read-only cache has no lock to take.
+    found = reuse(move=False)
+    if found is not None:
+        return found
+    if is_rank_zero() and not entry.writable():
+        raise PermissionError(
+            f"paths.cache_dir={ctx.cache_dir} is read-only and holds no complete, intact dense model for this "
+            f"configuration (folder dense/{entry.key}); point paths.cache_dir to a writable directory (or to a "
+            "cache that holds this model)")
     # Only global rank 0 takes the lock: under DDP the other ranks must join the same training run.
-    lock = file_lock(ctx.cache_dir / "locks" / f"{cache.name}.lock") if is_rank_zero() else contextlib.nullcontext()
+    lock = entry.lock() if is_rank_zero() else contextlib.nullcontext()
     with lock:
-        init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if cached():
-            log.info("pretrain: dense model loaded from cache %s", cache)
-            model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
-            record = dict(read_json(rec_file), cached=True)
-            init_state = torch.load(init_file, map_location="cpu", weights_only=True)
-            ctx.stages["pretrain"] = record
-            return model, init_state, record
+        found = reuse(move=is_rank_zero())  # another process may have filled it (or found it damaged)
+        if found is not None:
+            return found
         if is_rank_zero():
-            atomic_torch_save(init_state, init_file)
+            entry.begin(init_state)
         epochs = int(ctx.cfg.pretrain.epochs)
         module = ctx.module(model, "pretrain", ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler)
-        ckpt_dir = cache / "checkpoints"
+        ckpt_dir = entry.dir / "checkpoints"
         start = time.perf_counter()
-        extra = [SaveWeightsAtEpoch(rewind_epoch, rewind_file)] if rewind_epoch else []
+        rewind_file = entry.rewind_file(rewind_epoch)
+        extra = [SaveWeightsAtEpoch(rewind_epoch, rewind_file)] if rewind_file is not None else []
         ctx.fit(module, epochs, ckpt_dir, callbacks=extra)
         train_time = time.perf_counter() - start
         metrics = ctx.evaluate(model, "pretrain")
         record = {"metrics": metrics, "epochs": epochs, "train_time_s": train_time, "cached": False,
-                  "key": ctx.dense_key()}
+                  "key": entry.key}
         if is_rank_zero():
-            atomic_torch_save(model.state_dict(), model_file)
-            atomic_write_json(record, rec_file)
+            entry.finish(model, record, ctx.advice("pretrain"))
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        else:
+            check_finite_model(model, "pretrain: the trained dense model", ctx.advice("pretrain"))
         ctx.log_metrics(metrics)
+        record = dict(record, dir=str(entry.dir))
         ctx.stages["pretrain"] = record
         return model, init_state, record
 
@@ -86,14 +101,11 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",
                 target: str | None = None) -> MaskSet:
     """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it."""
-    done = ctx.stage_done(stage)
+    done = ctx.load_done(stage, ("target_info", "layers_effective"))
     if done is not None:
-        state = ctx.load_stage(stage)
+        ctx.stages[stage], state = done
         model.load_state_dict(state["model"])
-        masks = MaskSet.from_state_dict(state["masks"])
-        ctx.stages[stage] = done
-        log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
-        return masks
+        return MaskSet.from_state_dict(state["masks"])
     start = time.perf_counter()
     if hasattr(ctx.scorer, "input_shape"):
         ctx.scorer.input_shape = ctx.input_shape
@@ -116,11 +128,10 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
     ``schedule.epochs`` (its hook drives pruning), then the method's ``finish`` (compaction for structured
     methods). Records the cost of the model before and after (params, FLOPs, latency) and the accuracy of the
     pruned network; returns the pruned (compact) network."""
-    done = ctx.stage_done(stage)
+    done = ctx.load_done(stage, ("method",), state_keys=("module",))
     if done is not None:
-        ctx.stages[stage] = done
-        log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
-        return ctx.load_stage(stage)["module"]
+        ctx.stages[stage], state = done
+        return state["module"]
     method: TrainingMethod = ctx.scorer
     before = ctx.cost(model)
     start = time.perf_counter()
@@ -150,16 +161,14 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
                 use_strategy: bool = True) -> tuple[nn.Module, MaskSet | None]:
     """Train the pruned model (``finetune`` and retraining rounds). With ``use_strategy`` the fine-tuning
     strategy of the config may transform the model during training (over-parameterization, distillation)."""
-    done = ctx.stage_done(stage)
+    done = ctx.load_done(stage, ("epochs", "strategy"))
     if done is not None:
-        state = ctx.load_stage(stage)
+        ctx.stages[stage], state = done
         if state.get("module") is not None:
             model = state["module"]
         else:
             model.load_state_dict(state["model"])
         masks = MaskSet.from_state_dict(state["masks"]) if state["masks"] is not None else None
-        ctx.stages[stage] = done
-        log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
         return model, masks
     info: dict[str, Any] = {}
     if use_strategy:
