@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from prunelab.pipeline.console import banner, choice
+from prunelab.pipeline.console import epochs as _epochs
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import TrainingMethod
@@ -50,6 +52,8 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
     def cached() -> bool:
         return model_file.exists() and rec_file.exists() and (rewind_file is None or rewind_file.exists())
 
+    opt = ctx.cfg.pretrain.optimizer
+    banner("pretrain", f"dense model, {_epochs(ctx.cfg.pretrain.epochs)}, {opt.name} lr {opt.lr} (cache {cache})")
     model = ctx.build_model()
     # Only global rank 0 takes the lock: under DDP the other ranks must join the same training run.
     lock = file_lock(ctx.cache_dir / "locks" / f"{cache.name}.lock") if is_rank_zero() else contextlib.nullcontext()
@@ -86,6 +90,8 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",
                 target: str | None = None) -> MaskSet:
     """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it."""
+    banner(stage, f"method={choice('method', type(ctx.scorer).__name__)} to sparsity {sparsity:.4g} "
+                  f"({target or ctx.cfg.prune.target} target)")
     done = ctx.stage_done(stage)
     if done is not None:
         state = ctx.load_stage(stage)
@@ -116,6 +122,8 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
     ``schedule.epochs`` (its hook drives pruning), then the method's ``finish`` (compaction for structured
     methods). Records the cost of the model before and after (params, FLOPs, latency) and the accuracy of the
     pruned network; returns the pruned (compact) network."""
+    banner(stage, f"method={choice('method', type(ctx.scorer).__name__)}, "
+                  + (f"while training {_epochs(schedule.epochs)}" if schedule is not None else "one shot"))
     done = ctx.stage_done(stage)
     if done is not None:
         ctx.stages[stage] = done
@@ -147,9 +155,12 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
 
 def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage: str, epochs: int,
                 optimizer, scheduler, teacher: nn.Module | None = None,
-                use_strategy: bool = True) -> tuple[nn.Module, MaskSet | None]:
+                use_strategy: bool = True, recipe: str = "finetune") -> tuple[nn.Module, MaskSet | None]:
     """Train the pruned model (``finetune`` and retraining rounds). With ``use_strategy`` the fine-tuning
-    strategy of the config may transform the model during training (over-parameterization, distillation)."""
+    strategy of the config may transform the model during training (over-parameterization, distillation).
+    ``recipe``: which config section ``epochs``/``optimizer``/``scheduler`` came from (``pretrain`` or
+    ``finetune``), recorded in the stage record."""
+    banner(stage, f"{_epochs(epochs)}, recipe {recipe} ({optimizer['name']} lr {optimizer['lr']})")
     done = ctx.stage_done(stage)
     if done is not None:
         state = ctx.load_stage(stage)
@@ -193,7 +204,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     metrics = {**ctx.evaluate(model, stage, masks), f"{stage}/train_time_s": train_time}
     if masks is not None:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
-    record = {"metrics": metrics, "epochs": epochs, "strategy": info}
+    record = {"metrics": metrics, "epochs": epochs, "recipe": recipe, "strategy": info}
     if module.mask_sync is not None:
         record["mask_sync"] = module.mask_sync
     ctx.log_metrics(metrics)
