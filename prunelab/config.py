@@ -1,20 +1,26 @@
-"""Typed config schemas (Hydra ConfigStore) and the checks that run before any training.
+"""Typed config schemas (Hydra ConfigStore), the resolvers that name run and sweep folders, and the
+resolution of the pruning target (``prune.sparsity`` / ``prune.compression``).
 
 The schema types the top-level keys other tools rely on (``seed``, ``prune``, ``pretrain``, ``paths``):
-a misspelt key or a wrong type fails at start-up with Hydra's message. Group configs (``data``, ``model``,
-``method``, ...) are instantiated through ``_target_``; their options are checked by ``validate`` against the
-target's signature before anything runs.
+a misspelt key or a wrong type fails at start-up with Hydra's message, and a key added with ``+`` that the
+schema does not know is refused by ``prunelab.pipeline.checks``. Group configs (``data``, ``model``,
+``method``, ...) are instantiated through ``_target_``; their options are checked against the target's
+signature (names and types) before anything runs.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 
 @dataclass
@@ -36,9 +42,14 @@ class SchedulerConfig:
     warmup_epochs: int = 0
 
 
+# The target when neither prune.sparsity nor prune.compression is set (both default to null, so that either
+# one can be given on the command line).
+DEFAULT_SPARSITY = 0.9
+
+
 @dataclass
 class PruneConfig:
-    sparsity: float | None = 0.9
+    sparsity: float | None = None     # null and compression null: DEFAULT_SPARSITY
     compression: float | None = None
     target: str = "direct"
     include: list[str] = field(default_factory=lambda: ["conv", "linear"])
@@ -118,6 +129,60 @@ def stable_hash(obj: Any, length: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+# -- what the user set on the command line ------------------------------------------------------------------
+def override_key(override: str) -> str:
+    """``"+prune.compression=10"`` -> ``"prune.compression"``; ``"method=snip"`` -> ``"method"``."""
+    return override.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
+
+
+def command_line_keys(overrides: Iterable[str] | None = None) -> set[str]:
+    """Keys (and groups) set on the command line: ``overrides`` or, by default, this Hydra job's task
+    overrides (empty outside a Hydra app)."""
+    if overrides is None:
+        overrides = task_overrides()
+    return {override_key(str(o)) for o in overrides}
+
+
+def task_overrides() -> list[str]:
+    """The overrides the user gave for this job (``hydra.overrides.task``); [] outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+# -- the pruning target -------------------------------------------------------------------------------------
+def resolve_prune_target(sparsity: Any, compression: Any, explicit: Iterable[str] = ()) -> tuple[Any, Any]:
+    """The (sparsity, compression) pair a run uses. Neither set: ``DEFAULT_SPARSITY``. Both set, one of them
+    on the command line (``explicit`` keys) and the other by a config file (an experiment overlay): the
+    command line wins. Both on the command line or both in config files: returned as they are, and
+    ``sparsity_from_options`` refuses them."""
+    if sparsity is None and compression is None:
+        return DEFAULT_SPARSITY, None
+    if sparsity is not None and compression is not None:
+        explicit = set(explicit)
+        on_cli = ("prune.sparsity" in explicit, "prune.compression" in explicit)
+        if on_cli == (False, True):
+            return None, compression
+        if on_cli == (True, False):
+            return sparsity, None
+    return sparsity, compression
+
+
+def apply_prune_target(cfg: DictConfig, explicit: Iterable[str] | None = None) -> None:
+    """Write the resolved pruning target into ``cfg`` (in place), so that the run's record, its hash and
+    every ``${prune.sparsity}`` interpolation see the value the run uses."""
+    if "prune" not in cfg:
+        return
+    explicit = command_line_keys() if explicit is None else set(explicit)
+    s, c = resolve_prune_target(cfg.prune.sparsity, cfg.prune.compression, explicit)
+    if (s, c) != (cfg.prune.sparsity, cfg.prune.compression):
+        with open_dict(cfg):
+            cfg.prune.sparsity, cfg.prune.compression = s, c
+
+
+# -- run identity -------------------------------------------------------------------------------------------
 def identity(cfg: DictConfig | dict, keys: list[str] | None = None) -> dict:
     """The part of the resolved config that determines a run's results (``keys``: only those groups)."""
     out = {}
@@ -132,12 +197,83 @@ def identity(cfg: DictConfig | dict, keys: list[str] | None = None) -> dict:
     return out
 
 
+def _overrides_of(root: DictConfig) -> list[str]:
+    if "hydra" in root and OmegaConf.select(root, "hydra.overrides.task") is not None:
+        return [str(o) for o in root.hydra.overrides.task]
+    return task_overrides()
+
+
+def run_id(root: DictConfig) -> str:
+    """The run's hash: :func:`identity` of the config with its pruning target resolved as the run will
+    resolve it (so ``prune.compression=10`` alone and an overlay's sparsity overridden on the command line
+    name the same folder as the run's ``run.json`` records)."""
+    s, c = resolve_prune_target(root.prune.sparsity, root.prune.compression, command_line_keys(_overrides_of(root)))
+    if (s, c) != (root.prune.sparsity, root.prune.compression):
+        root = copy.deepcopy(root)
+        with open_dict(root):
+            root.prune.sparsity, root.prune.compression = s, c
+    return stable_hash(identity(root))
+
+
 def run_id_resolver(*, _root_: DictConfig) -> str:
     """``${prunelab_run_id:}``: a hash of everything that determines the run, naming its output folder so
     that re-running the same configuration finds (and resumes or skips) the earlier run."""
-    return stable_hash(identity(_root_))
+    return run_id(_root_)
+
+
+# -- sweep folders ------------------------------------------------------------------------------------------
+# ``hydra.sweep.dir`` is resolved first in the sweep's main config; every launcher (basic, joblib, submitit)
+# builds each job's config with ``load_sweep_config``, which copies the main config's resolver cache into the
+# job's. The sweep's id and swept keys are stored in that cache, so every job sees the main config's values.
+_SWEEP_CACHE = "prunelab_sweep"
+
+
+def _parse_overrides(overrides: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def sweep_info(root: DictConfig) -> dict[str, Any]:
+    """``{"id": <hash of the sweep's overrides>, "varying": [swept keys], "overrides": [...]}`` of the sweep
+    this config belongs to (computed in the sweep's main config, inherited by its jobs)."""
+    cache = OmegaConf.get_cache(root)
+    info = cache.get(_SWEEP_CACHE, {}).get("info")
+    if info is not None:
+        return info
+    job = OmegaConf.select(root, "hydra.job")
+    if job is not None and not OmegaConf.is_missing(job, "num"):
+        # a job's config without the sweep's cache would name another sweep folder per job
+        raise RuntimeError("prunelab: a sweep job's config lost its sweep's resolver cache (hydra.sweep.dir)")
+    overrides = _overrides_of(root)
+    params = OmegaConf.select(root, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else dict(params or {})
+    swept = [o.key_or_group for o in _parse_overrides(overrides) if o.is_sweep_override()]
+    info = {"id": stable_hash({"overrides": sorted(overrides), "params": params}, 8),
+            "varying": sorted(set(swept) | set(params)), "overrides": overrides}
+    cache.setdefault(_SWEEP_CACHE, {})["info"] = info
+    return info
+
+
+def sweep_id_resolver(*, _root_: DictConfig) -> str:
+    """``${prunelab_sweep_id:}``: names the sweep's folder by a hash of its overrides, so that every sweep
+    gets its own folder and re-running the same sweep finds its jobs (they are skipped or resumed)."""
+    return sweep_info(_root_)["id"]
+
+
+def job_dir_resolver(*, _root_: DictConfig) -> str:
+    """``${prunelab_job_dir:}``: a job's folder inside its sweep: the swept values and the run hash,
+    ``method=snip,seed=1__8c5094df9e`` (only the hash when nothing is swept)."""
+    varying = sweep_info(_root_)["varying"]
+    values = {o.key_or_group: o.get_value_element_as_str() for o in _parse_overrides(_overrides_of(_root_))}
+    parts = [f"{k}={values[k]}" for k in varying if k in values]
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))[:120]
+    rid = run_id(_root_)
+    return f"{name}__{rid}" if name else rid
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("prunelab_run_id"):
-        OmegaConf.register_new_resolver("prunelab_run_id", run_id_resolver)
+    for name, fn in (("prunelab_run_id", run_id_resolver), ("prunelab_sweep_id", sweep_id_resolver),
+                     ("prunelab_job_dir", job_dir_resolver), ("prunelab_pid", os.getpid)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

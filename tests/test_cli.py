@@ -1,25 +1,37 @@
-"""The ``prunelab`` command as a user runs it: help, printed config, a run, W&B offline, DDP on CPU."""
+"""The ``prunelab`` command as a user runs it: help and version, printed config, a run and its log, the
+pruning target on the command line, run folders that a refused command leaves alone, Ctrl-C, W&B offline,
+DDP on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 
 from prunelab.utils.wandb_offline import read_offline_run
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FAST = ["data=synthetic", "data.num_train=256", "data.num_test=64", "data.batch_size=32", "pretrain.epochs=1",
         "finetune.epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 
 
+def cli_env() -> dict[str, str]:
+    # the repository first on the path: the CLI imports this checkout (and tests.* callbacks)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore", PYTHONPATH=path)
+
+
 def prunelab(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "prunelab.cli", *args], cwd=cwd, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "prunelab.cli", *args], cwd=cwd, env=cli_env(), text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -33,6 +45,26 @@ def test_help_lists_groups(tmp_path):
     for group in ("data", "model", "method", "allocation", "schedule", "finetune", "trainer", "logger"):
         assert f"{group}:" in out.stdout
     assert "lenet_300_100" in out.stdout and "magnitude" in out.stdout
+
+
+def test_help_header_and_every_top_level_key(tmp_path):
+    from prunelab.config import PrunelabConfig
+
+    out = prunelab(tmp_path, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("prunelab: pruning research"), out.stdout[:200]
+    assert "cli" not in out.stdout.splitlines()[0]
+    keys = out.stdout.split("== Top-level keys", 1)[1]
+    for f in dataclasses.fields(PrunelabConfig):  # every top-level key has a line describing it
+        assert f" {f.name} " in keys.replace("\n", " "), f.name
+
+
+def test_version_is_prunelabs(tmp_path):
+    from prunelab import __version__
+
+    out = prunelab(tmp_path, "--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"prunelab {__version__} ")
 
 
 def test_cfg_job_prints_config(tmp_path):
@@ -49,6 +81,13 @@ def test_run_then_rerun_resumes_in_same_folder(tmp_path):
     res = json.loads(files[0].read_text())
     assert res["final"]["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
     assert (files[0].parent / "csv" / "metrics.csv").exists()
+    # the log file: a banner per stage, each stage's result, the final metrics
+    log = (files[0].parent / "prunelab.log").read_text()
+    for line in ("== pretrain: dense model", "pretrain done: test acc", "== prune: method=magnitude to sparsity 0.9",
+                 "prune done: test acc", "== finetune: 1 epoch, recipe finetune", "finetune done: test acc",
+                 "final metrics", "  test_acc: ", "  sparsity_direct: 0.9"):
+        assert line in log, (line, log)
+    assert out.stdout.count("prunelab: final") == 1
     first = files[0].stat().st_mtime_ns
     out = prunelab(tmp_path, *FAST, "logger=csv")  # same config -> same folder, stages loaded
     assert out.returncode == 0, out.stderr
@@ -58,10 +97,134 @@ def test_run_then_rerun_resumes_in_same_folder(tmp_path):
 
 def test_bad_option_message(tmp_path):
     out = prunelab(tmp_path, *FAST, "prune.sparsity=1.5")
-    assert out.returncode != 0
-    assert "prune.sparsity must be in [0, 1)" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("prunelab: error: prune.sparsity must be in [0, 1)")
     out = prunelab(tmp_path, "method=nope")
-    assert out.returncode != 0 and "Available options" in out.stderr
+    assert out.returncode == 2 and "Available options" in out.stderr
+
+
+def test_compression_on_the_command_line(tmp_path):
+    # The README's commands set prune.compression alone; the folder is named by the same hash run.json holds
+    out = prunelab(tmp_path, *FAST, "prune.compression=100")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (res_file,) = results_files(tmp_path)
+    res = json.loads(res_file.read_text())
+    assert res["final"]["sparsity_target"] == pytest.approx(0.99)
+    assert res["config"]["prune"]["compression"] == 100 and res["config"]["prune"]["sparsity"] is None
+    assert json.loads((res_file.parent / "run.json").read_text())["run_id"] == res_file.parent.name
+
+
+@pytest.mark.parametrize("overrides", [
+    ["schedule=at_init", "method=snip", "prune.compression=100"],  # README: snip at init, 100x
+    ["method=random", "allocation=igq", "prune.target=effective", "prune.compression=100"],
+])
+def test_readme_compression_commands_run(make_cfg, overrides):
+    from prunelab.pipeline.run import run_pipeline
+
+    res = run_pipeline(make_cfg(*overrides))
+    assert res["final"]["sparsity_target"] == pytest.approx(0.99)
+    if "schedule=at_init" in overrides:
+        assert res["final"]["compression_direct"] == pytest.approx(100, rel=0.01)
+        # the training stage of at_init uses the pretraining recipe, and says so
+        assert res["stages"]["finetune"]["recipe"] == "pretrain" and "pretrain" not in res["stages"]
+    else:
+        assert res["final"]["target"] == "effective"
+
+
+def test_resolve_prune_target():
+    from prunelab.config import DEFAULT_SPARSITY, resolve_prune_target
+
+    assert resolve_prune_target(None, None) == (DEFAULT_SPARSITY, None)
+    assert resolve_prune_target(None, 10) == (None, 10)
+    # an overlay's sparsity and a command-line compression: the command line wins, and the other way round
+    assert resolve_prune_target(0.5, 10, {"prune.compression"}) == (None, 10)
+    assert resolve_prune_target(0.5, 10, {"prune.sparsity"}) == (0.5, None)
+    # both on the command line, or both in config files: kept, and refused by the checks
+    assert resolve_prune_target(0.5, 10, {"prune.sparsity", "prune.compression"}) == (0.5, 10)
+    assert resolve_prune_target(0.5, 10, set()) == (0.5, 10)
+
+
+def test_at_init_warns_about_the_recipe_it_ignores(make_cfg, caplog, tmp_path):
+    from prunelab.pipeline.run import build_context
+
+    with caplog.at_level("WARNING"):  # FAST sets finetune.epochs and pretrain.epochs on the command line
+        build_context(make_cfg("schedule=at_init", "finetune.optimizer.lr=0.5"))
+    assert "schedule=at_init ignores finetune.epochs, finetune.optimizer.lr" in caplog.text
+    assert "schedule.train_from=finetune" in caplog.text and "ignores pretrain" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_context(make_cfg("schedule=at_init", "schedule.train_from=finetune", output_dir=tmp_path / "run2"))
+    assert "finetune" not in caplog.text.split("ignores")[1] and "ignores pretrain.epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_context(make_cfg(output_dir=tmp_path / "run3"))  # oneshot reads both recipes
+    assert "ignores" not in caplog.text
+
+
+def _hydra_record(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / ".hydra").iterdir())}
+
+
+def test_refused_command_leaves_a_finished_run_folder_alone(tmp_path):
+    run_dir = tmp_path / "finished"
+    out = prunelab(tmp_path, *FAST, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = _hydra_record(run_dir)
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    results = (run_dir / "results.json").read_bytes()
+    for bad in (["seed=1"], ["data.batch_size=0"]):  # another configuration; an invalid value
+        out = prunelab(tmp_path, *FAST, *bad, f"hydra.run.dir={run_dir}")
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert _hydra_record(run_dir) == record  # the finished run's record of how it was made
+        assert (run_dir / "results.json").read_bytes() == results
+        assert not list(run_dir.glob(".hydra_pending*"))
+    assert "holds a run of another configuration" in prunelab(tmp_path, *FAST, "seed=1",
+                                                               f"hydra.run.dir={run_dir}").stderr
+
+
+def test_failed_start_up_checks_claim_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    out = prunelab(tmp_path, *FAST, "prune.exclude=[nomatch*]", f"hydra.run.dir={run_dir}")
+    assert out.returncode == 2
+    assert not (run_dir / "run.json").exists()  # the folder is not claimed by the refused command
+    assert "prune.exclude" in (run_dir / "prunelab.log").read_text()  # its log says why
+    out = prunelab(tmp_path, *FAST, f"hydra.run.dir={run_dir}")  # the corrected command, same folder
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "results.json").exists()
+
+
+class SigintAt(pl.Callback):
+    """Ctrl-C (a real SIGINT to this process) when ``stage`` starts its epoch ``epoch``."""
+
+    def __init__(self, stage: str = "finetune", epoch: int = 1):
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if module.stage == self.stage and trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_log_rows(tmp_path):
+    args = [*FAST, "finetune.epochs=3", "logger=csv"]
+    out = prunelab(tmp_path, *args, "+callbacks.sigint._target_=tests.test_cli.SigintAt")
+    assert out.returncode == 130, out.stderr[-3000:]
+    assert "prunelab: interrupted: stage finetune of " in out.stderr
+    assert f"cd {tmp_path} && prunelab " in out.stderr and "finetune.epochs=3" in out.stderr
+    assert "Traceback" not in out.stderr
+    (csv_file,) = tmp_path.glob("outputs/runs/**/csv/metrics.csv")
+    before = csv_file.read_text().splitlines()
+    assert "finetune/train/loss" in before[0] and len(before) > 2  # the interrupted stage's rows
+    out = prunelab(tmp_path, *args)  # the resume command (callbacks are not part of the run's identity)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = csv_file.read_text().splitlines()
+    assert len(after) > len(before)
+    # every earlier row is still there (the header may have gained columns: compare the non-empty values)
+    def values(row: str) -> list[str]:
+        return [v for v in row.split(",") if v]
+
+    assert [values(r) for r in after[1:len(before)]] == [values(r) for r in before[1:]]
+    res = json.loads(next(csv_file.parent.parent.glob("results.json")).read_text())
+    assert res["stages"]["finetune"]["epochs"] == 3
 
 
 def test_wandb_offline_logged_keys_read_back(tmp_path):
@@ -83,6 +246,7 @@ def test_wandb_offline_logged_keys_read_back(tmp_path):
 def test_ddp_cpu_two_processes(tmp_path):
     out = prunelab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=none", "method=random", timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.count("prunelab: final") == 1  # the summary on rank 0 only
     files = results_files(tmp_path)
     assert len(files) == 1  # one results.json, written by rank 0
     res = json.loads(files[0].read_text())

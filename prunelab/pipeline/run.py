@@ -1,25 +1,39 @@
 """Run one configured experiment end to end and write ``results.json``.
 
-Everything that can be checked is checked before any training starts (options, sparsity, the data files,
-the model against the data's input shape, the output directory), so a bad input fails in seconds.
+Everything that can be checked is checked before any training starts (options, their types and ranges,
+sparsity, the data files, the model against the data's input shape, which weights are prunable, the output
+directory), so a bad input fails in seconds with a :class:`~prunelab.errors.UserError` naming the option.
+Only then does the run claim its folder (``run.json``) and move Hydra's record of the command into
+``.hydra/``: a refused command leaves a finished run's folder as it was.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.config import OPTIMIZERS, SCHEDULERS, TARGETS, identity, stable_hash
+from prunelab.config import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    TARGETS,
+    apply_prune_target,
+    identity,
+    resolve_prune_target,
+    stable_hash,
+)
+from prunelab.errors import UserError
+from prunelab.pipeline import checks
 from prunelab.pipeline.cache import cache_root, configure_determinism, hold_run_dir, release_run_dirs
+from prunelab.pipeline.console import CURRENT, StageLog
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
 from prunelab.pruning.method import TrainingMethod
@@ -27,62 +41,130 @@ from prunelab.utils.io import atomic_write_json, check_writable, read_record
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("data", "model", "method", "allocation", "schedule", "finetune")
+GROUPS = ("data", "model", "method", "allocation", "schedule", "finetune", "trainer")
 
 
 def _check_target_options(group: str, node: DictConfig) -> None:
-    """Unknown option in a ``_target_`` group: a clear error naming the option and the allowed ones."""
+    """Unknown option or a value of the wrong type in a ``_target_`` group: a clear error naming the option
+    and the allowed ones (for ``model``: the options of ``build_model`` and of the architecture's factory)."""
     if not OmegaConf.is_dict(node) or "_target_" not in node:
-        raise ValueError(f"config group {group!r} must set _target_")
+        raise UserError(f"config group {group!r} must set _target_")
     target = node["_target_"]
-    # a class or a factory function (a user's own model: model._target_=pkg.module.make_net)
-    fn = get_method(target) if not target.endswith("build_model") else None
-    if fn is None:
-        return  # build_model forwards **kwargs to the architecture factory, which checks them
-    sig = inspect.signature(fn)
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+    try:
+        fn = get_object(target)
+    except Exception as e:
+        raise UserError(f"{group}._target_={target!r} cannot be imported ({e})") from None
+    if group == "model" and target.endswith("build_model"):
+        from prunelab.models import MODELS
+
+        name = node.get("name")
+        if name not in MODELS:
+            raise UserError(f"model.name={name!r}; allowed values: {', '.join(MODELS.names())}")
+        _check_model_options(node, fn, MODELS.get(name))
         return
-    allowed = [p for p in sig.parameters if p != "self"]
-    for key in node:
-        if key.startswith("_"):
-            continue
-        if key not in allowed:
-            raise ValueError(f"{group}.{key} is not an option of {target}; allowed options: {', '.join(allowed)}")
+    checks.check_target_options(group, node, fn)
+
+
+def _check_model_options(node: DictConfig, build, factory) -> None:
+    """``model.*``: the options of ``build_model`` plus those of the architecture's factory (a factory taking
+    ``**kwargs``, such as timm's, accepts any name); ``input_shape`` and ``num_classes`` come from the data."""
+    import inspect
+
+    fixed = ("input_shape", "num_classes")
+    for k in fixed:
+        if k in node:
+            raise UserError(f"model.{k} is set from the data module, not in the model's config; remove it")
+    own = [k for k, p in inspect.signature(build).parameters.items() if k not in fixed and p.kind == p.POSITIONAL_OR_KEYWORD]
+    checks.check_target_options("model", node, build, keys=[k for k in node if k in own])
+    checks.check_target_options("model", node, factory, keys=[k for k in node if k not in own],
+                                also_allowed=own, hidden=fixed)
 
 
 def validate(cfg: DictConfig) -> float:
-    """Checks that need no data or model. Returns the target sparsity."""
-    sparsity = sparsity_from_options(cfg.prune.sparsity, cfg.prune.compression)
-    if cfg.prune.target not in TARGETS:
-        raise ValueError(f"prune.target={cfg.prune.target!r}; allowed values: {', '.join(TARGETS)}")
-    if int(cfg.pretrain.epochs) < 0:
-        raise ValueError(f"pretrain.epochs must be >= 0, got {cfg.pretrain.epochs}")
+    """Checks that need no data or model: unknown keys, every group's options (names, types, ranges), the
+    pruning target. Returns the target sparsity."""
+    checks.check_known_keys(cfg)
     for group in GROUPS:
         _check_target_options(group, cfg[group])
+    checks.check_ranges(cfg)
+    checks.check_include_kinds(cfg)
+    try:
+        sparsity = sparsity_from_options(*resolve_prune_target(cfg.prune.sparsity, cfg.prune.compression,
+                                                               _command_line_keys()))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.prune.target not in TARGETS:
+        raise UserError(f"prune.target={cfg.prune.target!r}; allowed values: {', '.join(TARGETS)}")
     recipes = [("pretrain", cfg.pretrain)] + ([("finetune", cfg.finetune)] if "optimizer" in cfg.finetune else [])
     for prefix, node in recipes:
         if node.optimizer.name not in OPTIMIZERS:
-            raise ValueError(f"{prefix}.optimizer.name={node.optimizer.name!r}; allowed values: {', '.join(OPTIMIZERS)}")
+            raise UserError(f"{prefix}.optimizer.name={node.optimizer.name!r}; allowed values: {', '.join(OPTIMIZERS)}")
         if node.scheduler.name not in SCHEDULERS:
-            raise ValueError(f"{prefix}.scheduler.name={node.scheduler.name!r}; allowed values: {', '.join(SCHEDULERS)}")
+            raise UserError(f"{prefix}.scheduler.name={node.scheduler.name!r}; allowed values: {', '.join(SCHEDULERS)}")
     return sparsity
 
 
 def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """Stage records in ``run_dir`` are reused on re-runs, so the folder must belong to this configuration:
-    ``run.json`` records the run's hash; another configuration's folder is an error, not silently reused."""
+    ``run.json`` records the run's hash; another configuration's folder is an error, not silently reused.
+    ``check_run_dir`` is the same check without the claim (before the start-up checks)."""
+    check_run_dir(run_dir, cfg)
+    marker = run_dir / "run.json"
+    if not marker.exists() and is_rank_zero():
+        atomic_write_json({"run_id": stable_hash(identity(cfg)), "identity": identity(cfg)}, marker)
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     run_id = stable_hash(identity(cfg))
     marker = run_dir / "run.json"
     claimed = read_record(marker, ("run_id",), what="run record")  # damaged: treated as unclaimed
     if claimed is not None:
         other = claimed["run_id"]
         if other != run_id:
-            raise ValueError(
+            raise UserError(
                 f"paths.output_dir={run_dir} holds a run of another configuration (run_id {other}, this one is "
                 f"{run_id}); choose another output directory or delete that one"
             )
-    elif is_rank_zero():
-        atomic_write_json({"run_id": run_id, "identity": identity(cfg)}, marker)
+
+
+def _hydra_files() -> tuple[Path, Path] | None:
+    """(where Hydra wrote this command's config, ``.hydra/``) when they differ (``hydra.output_subdir``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    runtime_dir = OmegaConf.select(hc, "runtime.output_dir", default=None)
+    if hc.output_subdir is None or runtime_dir is None:  # not a Hydra job (a composed config)
+        return None
+    out = Path(runtime_dir)
+    pending, final = out / str(hc.output_subdir), out / ".hydra"
+    return None if pending.resolve() == final.resolve() else (pending, final)
+
+
+def adopt_hydra_files() -> None:
+    """Move Hydra's record of this command (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``) into
+    ``.hydra/`` once the run owns its folder."""
+    paths = _hydra_files()
+    if paths is None or not paths[0].is_dir():
+        return
+    pending, final = paths
+    final.mkdir(exist_ok=True)
+    for f in pending.iterdir():
+        f.replace(final / f.name)
+    shutil.rmtree(pending, ignore_errors=True)
+
+
+def discard_hydra_files() -> None:
+    """A refused or skipped command: drop Hydra's record of it when the folder belongs to a run (its
+    ``.hydra/`` stays that run's); in a folder no run has claimed, keep it as the record of what failed."""
+    paths = _hydra_files()
+    if paths is None:
+        return
+    if (paths[0].parent / "run.json").exists():
+        shutil.rmtree(paths[0], ignore_errors=True)
+    else:
+        adopt_hydra_files()
 
 
 def _instantiate(node, **kwargs):
@@ -97,33 +179,89 @@ def _instantiate(node, **kwargs):
         raise
 
 
-def build_context(cfg: DictConfig) -> RunContext:
+def _load_data(cfg: DictConfig):
+    """The data module, prepared and set up. An error raised outside prunelab's own checks (numpy reading a
+    file that is not an archive, a truncated download) is reported with the data option and the file."""
+    dm = _instantiate(cfg.data)
+    resolved = getattr(dm, "resolved_path", None)
+    if callable(resolved) and str(resolved()).endswith(".npz") and Path(resolved()).is_file():
+        import zipfile
+
+        if not zipfile.is_zipfile(resolved()):
+            raise UserError(f"data.path={cfg.data.path}: {Path(resolved()).resolve()} is not a .npz archive (the "
+                            "zip file numpy.savez / savez_compressed writes, with arrays x, y)")
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+    except Exception as e:
+        if isinstance(e, UserError) or _raised_by_prunelab(e):
+            raise
+        where = f" from {Path(resolved()).resolve()}" if callable(resolved) else (f" from {cfg.data.get('data_dir')}"
+                                                            if cfg.data.get("data_dir") else "")
+        path_opt = " (data.path)" if "path" in cfg.data else ""
+        raise UserError(f"{checks.choice_name('data', cfg.data)}: could not load the data{where}{path_opt}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; is it the right "
+                        "file, complete and readable?") from e
+    return dm
+
+
+def _raised_by_prunelab(e: BaseException) -> bool:
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and str(Path(last).resolve()).startswith(str(Path(__file__).resolve().parents[1]))
+
+
+def check_options(cfg: DictConfig) -> tuple[float, Any, Any, Any, Any]:
+    """The checks that need neither data nor a model (``validate``), then the cheap objects built from the
+    config (their constructors check their options) and the schedule's check of the method. Returns
+    (sparsity, method, allocation, finetune, schedule). The CLI runs this first; so does the test of every
+    experiment overlay."""
     sparsity = validate(cfg)
-    configure_determinism(cfg)  # threads and deterministic algorithms, before data statistics are computed
-    run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
-    hold_run_dir(run_dir)  # one process per run folder (released by run_pipeline)
-    claim_run_dir(run_dir, cfg)
-    cache_dir = cache_root(cfg, run_dir)  # <run_dir>/cache for debug runs
-    # Cheap objects first (their constructors check their options), then the data, then the model.
     scorer = _instantiate(cfg.method)
     allocation = _instantiate(cfg.allocation)
     finetune = _instantiate(cfg.finetune)
     schedule = _instantiate(cfg.schedule)
     schedule.check(scorer)
-    dm = _instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    # Instantiating the model checks it against the data's input shape (a zero batch goes through it).
-    _instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
+    return sparsity, scorer, allocation, finetune, schedule
+
+
+def build_context(cfg: DictConfig) -> RunContext:
+    """Every start-up check, then the claim of the run folder; no training has happened when this returns."""
+    sparsity, scorer, allocation, finetune, schedule = check_options(cfg)
+    configure_determinism(cfg)  # threads and deterministic algorithms, before data statistics are computed
+    run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
+    hold_run_dir(run_dir)  # one process per run folder (released by run_pipeline)
+    check_run_dir(run_dir, cfg)
+    cache_dir = cache_root(cfg, run_dir)  # <run_dir>/cache for debug runs; a read-only complete cache is fine
+    if hasattr(schedule, "warn_ignored"):
+        schedule.warn_ignored(_command_line_keys())
+    dm = _load_data(cfg)
+    # Instantiating the model checks it against the data's input shape (a zero batch goes through it); the
+    # same cheap instance checks which weights prune.include / prune.exclude select.
+    model = _instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
+    checks.check_prunable(cfg, model, checks.choice_name("model", cfg.model))
+    del model
     loggers = []
     if cfg.get("logger"):
         for lg in cfg.logger.values():
             if lg is not None and "_target_" in lg:
                 loggers.append(_instantiate(lg))
     callbacks = [cfg.callbacks[k] for k in (cfg.get("callbacks") or {})]
+    claim_run_dir(run_dir, cfg)  # every check passed: the folder is this run's
+    adopt_hydra_files()
+    CURRENT["run_dir"] = str(run_dir)
     return RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, datamodule=dm, scorer=scorer,
                       allocation=allocation, finetune=finetune, schedule=schedule, sparsity=sparsity,
-                      loggers=loggers, callbacks_cfg=callbacks)
+                      loggers=loggers, callbacks_cfg=callbacks, stages=StageLog())
+
+
+def _command_line_keys() -> set[str]:
+    from prunelab.config import command_line_keys
+
+    return command_line_keys()
 
 
 def final_metrics(ctx: RunContext) -> dict[str, Any]:
@@ -177,7 +315,8 @@ def layer_rows(ctx: RunContext, masks) -> list[dict]:
 
 
 def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
-    """The stored results when this exact configuration already finished in its output folder."""
+    """The stored results when this exact configuration already finished in its output folder (the pruning
+    target resolved first: ``apply_prune_target``)."""
     run_dir = Path(cfg.paths.output_dir)
     marker, results_file = run_dir / "run.json", run_dir / "results.json"
     if not (marker.exists() and results_file.exists()):
@@ -204,11 +343,17 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
+    apply_prune_target(cfg)
     done = finished_results(cfg)
     if done is not None:
+        discard_hydra_files()
         log.info("already done: %s (delete it to run again)", done["results_file"])
         return done
-    ctx = build_context(cfg)
+    try:
+        ctx = build_context(cfg)
+    except BaseException:
+        discard_hydra_files()
+        raise
     results_file = Path(ctx.run_dir) / "results.json"
     log.info("run dir: %s", ctx.run_dir)
     model, masks = ctx.schedule.run(ctx)

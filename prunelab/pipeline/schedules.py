@@ -2,7 +2,8 @@
 
 - ``oneshot``: pretrain (cached) -> score the trained weights -> prune -> fine-tune.
 - ``at_init``: score the initial weights -> prune -> train the sparse network from init (no pretraining;
-  the training stage, recorded as ``finetune``, uses the pretraining recipe by default: ``AtInit.train_from``).
+  the training stage, recorded as ``finetune`` with ``recipe: pretrain``, uses the pretraining recipe by
+  default: ``schedule.train_from``; a command-line override of the recipe it ignores earns a warning).
 - ``iterative``: lottery-ticket style: N rounds of prune -> rewind -> retrain, the sparsity after round r
   being 1 - (1 - s)^(r/N) (geometric in density), weights rewound to init or to epoch k of pretraining.
 - ``train_prune`` (presets ``iterative_structured``, ``bayesian``): a method that prunes *while training*
@@ -36,6 +37,20 @@ class Schedule:
 
     def run(self, ctx: RunContext):
         raise NotImplementedError
+
+    def ignored_options(self) -> tuple[str, ...]:
+        """Options (prefixes) this schedule never reads: set on the command line, they earn a warning."""
+        return ()
+
+    def warn_ignored(self, command_line: set[str]) -> list[str]:
+        """Warn about the options given on the command line that this schedule ignores; returns them."""
+        ignored = sorted(k for k in command_line for p in self.ignored_options() if k == p or k.startswith(p + "."))
+        if ignored:
+            log.warning("schedule=%s ignores %s: %s", self.name, ", ".join(ignored), self.ignored_reason())
+        return ignored
+
+    def ignored_reason(self) -> str:
+        return ""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({vars(self)})"
@@ -72,6 +87,19 @@ class AtInit(Schedule):
         check_choice("schedule.train_from", train_from, ("pretrain", "finetune"))
         self.train_from = train_from
 
+    def ignored_options(self) -> tuple[str, ...]:
+        # the strategy (finetune=overparam, ...) is used either way; only the recipe is not
+        if self.train_from == "pretrain":
+            return ("finetune.epochs", "finetune.optimizer", "finetune.scheduler")
+        return ("pretrain",)
+
+    def ignored_reason(self) -> str:
+        if self.train_from == "pretrain":
+            return ("it trains the sparse network with the pretraining recipe (pretrain.epochs, "
+                    "pretrain.optimizer, pretrain.scheduler); set schedule.train_from=finetune to use finetune.*")
+        return ("it trains the sparse network with the fine-tuning recipe and never pretrains; set "
+                "schedule.train_from=pretrain to use pretrain.*")
+
     def run(self, ctx: RunContext):
         model = ctx.build_model()
         masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
@@ -80,7 +108,8 @@ class AtInit(Schedule):
         epochs = int(recipe.epochs) if recipe is not None else ft.epochs
         opt = recipe.optimizer if recipe is not None else ft.optimizer
         sched = recipe.scheduler if recipe is not None else ft.scheduler
-        return train_stage(ctx, model, masks, "finetune", epochs, opt, sched, teacher=None)
+        return train_stage(ctx, model, masks, "finetune", epochs, opt, sched, teacher=None,
+                           recipe=self.train_from)
 
 
 class Iterative(Schedule):
@@ -125,7 +154,7 @@ class Iterative(Schedule):
             if r < self.rounds:
                 model, masks = train_stage(ctx, model, masks, f"retrain_round{r}", epochs,
                                            ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler,
-                                           use_strategy=False)
+                                           use_strategy=False, recipe="pretrain")
         ctx.stages["prune"] = ctx.stages[f"prune_round{self.rounds}"]
         return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
 

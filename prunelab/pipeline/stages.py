@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from prunelab.pipeline.console import banner, choice
+from prunelab.pipeline.console import epochs as _epochs
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import TrainingMethod
@@ -47,6 +49,8 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
     sweep pretrain once). Returns (model, init_state, record); the record says whether it was cached and
     where (``dir``). See :mod:`prunelab.pipeline.cache` for the key and the checks made before a reuse."""
     entry = ctx.dense_entry()
+    opt = ctx.cfg.pretrain.optimizer
+    banner("pretrain", f"dense model, {_epochs(ctx.cfg.pretrain.epochs)}, {opt.name} lr {opt.lr} (cache {entry.dir})")
     model = ctx.build_model()
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -101,6 +105,8 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",
                 target: str | None = None) -> MaskSet:
     """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it."""
+    banner(stage, f"method={choice('method', type(ctx.scorer).__name__)} to sparsity {sparsity:.4g} "
+                  f"({target or ctx.cfg.prune.target} target)")
     done = ctx.load_done(stage, ("target_info", "layers_effective"))
     if done is not None:
         ctx.stages[stage], state = done
@@ -128,6 +134,8 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
     ``schedule.epochs`` (its hook drives pruning), then the method's ``finish`` (compaction for structured
     methods). Records the cost of the model before and after (params, FLOPs, latency) and the accuracy of the
     pruned network; returns the pruned (compact) network."""
+    banner(stage, f"method={choice('method', type(ctx.scorer).__name__)}, "
+                  + (f"while training {_epochs(schedule.epochs)}" if schedule is not None else "one shot"))
     done = ctx.load_done(stage, ("method",), state_keys=("module",))
     if done is not None:
         ctx.stages[stage], state = done
@@ -158,9 +166,12 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
 
 def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage: str, epochs: int,
                 optimizer, scheduler, teacher: nn.Module | None = None,
-                use_strategy: bool = True) -> tuple[nn.Module, MaskSet | None]:
+                use_strategy: bool = True, recipe: str = "finetune") -> tuple[nn.Module, MaskSet | None]:
     """Train the pruned model (``finetune`` and retraining rounds). With ``use_strategy`` the fine-tuning
-    strategy of the config may transform the model during training (over-parameterization, distillation)."""
+    strategy of the config may transform the model during training (over-parameterization, distillation).
+    ``recipe``: which config section ``epochs``/``optimizer``/``scheduler`` came from (``pretrain`` or
+    ``finetune``), recorded in the stage record."""
+    banner(stage, f"{_epochs(epochs)}, recipe {recipe} ({optimizer['name']} lr {optimizer['lr']})")
     done = ctx.load_done(stage, ("epochs", "strategy"))
     if done is not None:
         ctx.stages[stage], state = done
@@ -202,7 +213,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     metrics = {**ctx.evaluate(model, stage, masks), f"{stage}/train_time_s": train_time}
     if masks is not None:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
-    record = {"metrics": metrics, "epochs": epochs, "strategy": info}
+    record = {"metrics": metrics, "epochs": epochs, "recipe": recipe, "strategy": info}
     if module.mask_sync is not None:
         record["mask_sync"] = module.mask_sync
     ctx.log_metrics(metrics)
