@@ -37,7 +37,7 @@ def quiet_lightning() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    from prunelab.pipeline.run import run_pipeline
+    from prunelab.pipeline.run import objective, run_pipeline
     from prunelab.report.summary import print_summary
 
     quiet_lightning()
@@ -45,7 +45,7 @@ def _main(cfg: DictConfig) -> float | None:
     if not _is_multirun():
         results = run_pipeline(cfg)
         print_summary(results)
-        return results["final"].get("test_acc")
+        return objective(results, cfg)  # a validation metric (optimized_metric), never test accuracy
     # In a sweep a failing job must not stop the others: its traceback goes to <job dir>/error.txt and the
     # log, and the sweep goes on (re-running the sweep retries it).
     try:
@@ -64,7 +64,7 @@ def _main(cfg: DictConfig) -> float | None:
     if error_file.exists():
         error_file.unlink()
     print_summary(results)
-    return results["final"].get("test_acc")
+    return objective(results, cfg)  # a validation metric (optimized_metric), never test accuracy
 
 
 def _is_multirun() -> bool:

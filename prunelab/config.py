@@ -72,6 +72,7 @@ class MeasureConfig:
     repeats: int = 10
     threads: int | None = None    # torch threads while timing (null: as configured)
     onnx: bool = False            # also export the compacted model to ONNX
+    min_run_time: float = 0.2     # seconds of timed forward passes per batch size (torch.utils.benchmark)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class PrunelabConfig:
     experiment: Any = None
     hparams_search: Any = None
     callbacks: Any = field(default_factory=dict)  # extra Lightning callbacks: {name: {_target_: ...}}
+    tags: list[str] = field(default_factory=list)  # extra W&B tags
+    optimized_metric: str | None = None  # what a sweeper optimizes (null: finetune/val/acc_best)
 
 
 TARGETS = ("direct", "effective")
@@ -100,7 +103,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
-NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure"}
+NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "tags",
+                "optimized_metric"}
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
 
 
@@ -138,3 +142,7 @@ def run_id_resolver(*, _root_: DictConfig) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("prunelab_run_id"):
         OmegaConf.register_new_resolver("prunelab_run_id", run_id_resolver)
+    if not OmegaConf.has_resolver("prunelab_wandb"):
+        from prunelab.runinfo import wandb_resolver
+
+        OmegaConf.register_new_resolver("prunelab_wandb", wandb_resolver)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from prunelab.pipeline.context import RunContext, is_rank_zero
+from prunelab.pipeline.tracking import ValidationTracker
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.target import prune_to_target
@@ -84,15 +85,19 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 
 
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",
-                target: str | None = None) -> MaskSet:
-    """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it."""
-    done = ctx.stage_done(stage)
+                target: str | None = None, round: int | None = None) -> MaskSet:
+    """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it.
+
+    Metrics are named by the stage kind (``prune/...``) whatever the schedule; a ``round`` (iterative
+    pruning) is recorded in the record's ``round`` field and names its artefacts ``<stage>_round<r>``."""
+    name = stage if round is None else f"{stage}_round{round}"
+    done = ctx.stage_done(name)
     if done is not None:
-        state = ctx.load_stage(stage)
+        state = ctx.load_stage(name)
         model.load_state_dict(state["model"])
         masks = MaskSet.from_state_dict(state["masks"])
-        ctx.stages[stage] = done
-        log.info("%s: loaded from %s", stage, ctx.stage_path(stage, "json"))
+        ctx.stages[name] = done
+        log.info("%s: loaded from %s", name, ctx.stage_path(name, "json"))
         return masks
     start = time.perf_counter()
     if hasattr(ctx.scorer, "input_shape"):
@@ -105,8 +110,10 @@ def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: flo
     sp = ctx.sparsity_metrics(model, masks, stage)
     metrics = {**sp["metrics"], **ctx.evaluate(model, stage, masks), f"{stage}/time_s": prune_time}
     record = {"metrics": metrics, "target_info": info, "layers_effective": sp["layers_effective"]}
+    if round is not None:
+        record["round"] = round
     ctx.log_metrics(metrics)
-    ctx.save_stage(stage, record, model, masks)
+    ctx.save_stage(name, record, model, masks)
     return masks
 
 
@@ -174,7 +181,8 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     if use_strategy and getattr(ctx.finetune, "keep_best", False):
         best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=f"{stage}/val/acc", mode="max",
                                save_top_k=1, enable_version_counter=False)
-    train_time = ctx.fit(module, epochs, ckpt_dir, callbacks=[best] if best else None)
+    tracker = ValidationTracker(stage)
+    train_time = ctx.fit(module, epochs, ckpt_dir, callbacks=[tracker] + ([best] if best else []))
     if best is not None:
         if best.best_model_path:
             state = torch.load(best.best_model_path, map_location=module.device, weights_only=False)
@@ -190,7 +198,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
         info.update(strategy_info)
     else:
         model, masks = prepared.model, prepared.masks
-    metrics = {**ctx.evaluate(model, stage, masks), f"{stage}/train_time_s": train_time}
+    metrics = {**ctx.evaluate(model, stage, masks), **tracker.metrics(), f"{stage}/train_time_s": train_time}
     if masks is not None:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
     record = {"metrics": metrics, "epochs": epochs, "strategy": info}
