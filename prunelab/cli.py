@@ -68,7 +68,7 @@ def _main(cfg: DictConfig) -> float | None:
 
     if _is_multirun():
         sweep.watch_main_process()  # in a launcher's worker: stop when the sweep's main process is gone
-    from prunelab.pipeline.run import run_pipeline
+    from prunelab.pipeline.run import objective, run_pipeline
 
     quiet_lightning()
     silence_harmless_warnings()
@@ -84,7 +84,7 @@ def _main(cfg: DictConfig) -> float | None:
                 raise Refused(e, message) from e
             raise
         _report(results)
-        return results["final"].get("test_acc")
+        return objective(results, cfg)  # a validation metric (optimized_metric), never test accuracy
     # In a sweep a failing job must not stop the others: its traceback goes to <job dir>/error.txt and the
     # log, its first line to the sweep's table, and the sweep goes on (re-running the sweep retries it).
     try:
@@ -109,7 +109,7 @@ def _main(cfg: DictConfig) -> float | None:
         error_file.unlink()
     sweep.record_job("skipped" if results.get("skipped") else "done", results=results)
     _report(results)
-    return results["final"].get("test_acc")
+    return objective(results, cfg)  # a validation metric (optimized_metric), never test accuracy
 
 
 def _report(results: dict) -> None:

@@ -83,6 +83,7 @@ class MeasureConfig:
     repeats: int = 10
     threads: int | None = None    # torch threads while timing (null: as configured)
     onnx: bool = False            # also export the compacted model to ONNX
+    min_run_time: float = 0.2     # seconds of timed forward passes per batch size (torch.utils.benchmark)
 
 
 @dataclass
@@ -106,6 +107,8 @@ class PrunelabConfig:
     hparams_search: Any = None
     debug: str | None = None      # set by the debug group (conf/debug/): the option's name
     callbacks: Any = field(default_factory=dict)  # extra Lightning callbacks: {name: {_target_: ...}}
+    tags: list[str] = field(default_factory=list)  # extra W&B tags
+    optimized_metric: str | None = None  # what a sweeper optimizes (null: finetune/val/acc_best)
 
 
 TARGETS = ("direct", "effective")
@@ -114,7 +117,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
 # ``debug`` only names the debug option; the settings it changes (trainer limits, epochs) are in the identity.
-NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug"}
+NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug",
+                "tags", "optimized_metric"}
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
 
 
@@ -277,3 +281,7 @@ def register_resolvers() -> None:
                      ("prunelab_job_dir", job_dir_resolver), ("prunelab_pid", os.getpid)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("prunelab_wandb"):
+        from prunelab.runinfo import wandb_resolver
+
+        OmegaConf.register_new_resolver("prunelab_wandb", wandb_resolver)

@@ -16,6 +16,9 @@ from prunelab.config import register_configs, register_resolvers
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Every results.json a test writes (in-process or through the CLI, whose environment inherits this) is
+# validated against prunelab/results_schema.json; a violation fails the run (prunelab/pipeline/run.py).
+os.environ.setdefault("PRUNELAB_STRICT_RESULTS", "1")
 register_configs()
 register_resolvers()
 

@@ -228,7 +228,9 @@ def test_ctrl_c_says_how_to_resume_and_keeps_the_log_rows(tmp_path):
 
 
 def test_wandb_offline_logged_keys_read_back(tmp_path):
-    out = prunelab(tmp_path, *FAST, "logger=wandb")
+    long_dir = tmp_path / ("a_cache_folder_whose_path_is_longer_than_wandbs_tag_limit_" * 2)
+    out = prunelab(tmp_path, *FAST, "logger=wandb", "tags=[ablation,sweep_2]", "method=random",
+                   "allocation=uniform", f"paths.cache_dir={long_dir}")
     assert out.returncode == 0, out.stderr
     runs = list(tmp_path.glob("outputs/runs/**/wandb/offline-run-*"))
     assert len(runs) == 1, list(tmp_path.glob("outputs/runs/**/wandb/*"))
@@ -237,9 +239,43 @@ def test_wandb_offline_logged_keys_read_back(tmp_path):
     assert {"pretrain/train/loss", "pretrain/train/acc", "pretrain/val/acc", "finetune/test/acc"} <= history_keys
     summary = logged["summary"]
     for key in ("pretrain/test/acc", "prune/sparsity/direct", "prune/sparsity/effective", "finetune/test/acc",
-                "test_acc", "sparsity_direct", "compression_effective"):
+                "test_acc", "sparsity_direct", "compression_effective", "val_acc_best"):
         assert key in summary, (key, sorted(summary))
     assert summary["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
+    # the run config: the resolved config, flattened, with each group's option name (not final/* metrics)
+    config = logged["config"]
+    assert config["method"] == "random" and config["allocation"] == "uniform" and config["model"] == "lenet_300_100"
+    assert config["data"] == "synthetic" and config["schedule"] == "oneshot" and config["finetune"] == "vanilla"
+    assert config["prune.sparsity"] == 0.9 and config["seed"] == 0 and config["pretrain.optimizer.lr"] == 0.1
+    assert config["data.num_train"] == 256 and len(config["run_id"]) == 10
+    assert not any(k.startswith(("final/", "logger.", "hydra")) or k.endswith("_target_") for k in config)
+    # curated short tags plus the user's; W&B's 64-character limit never reached; readable name; group
+    assert logged["tags"] == ["method=random", "allocation=uniform", "schedule=oneshot", "target=direct",
+                              "sparsity=0.9", "model=lenet_300_100", "data=synthetic", "seed=0", "ablation",
+                              "sweep_2"]
+    assert logged["name"] == "random sparsity=0.9 seed=0"
+    assert logged["group"] == "default"
+
+
+def test_wandb_offline_false_wins_over_the_cli_default(tmp_path):
+    """logger.wandb.offline=false asks W&B to go online even though the CLI sets WANDB_MODE=offline: with no
+    API key (HOME and the W&B config moved to an empty folder; the server address unreachable) W&B then
+    refuses to start without a login, which it never does offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_cfg"), WANDB_API_KEY="",
+               WANDB_BASE_URL="http://127.0.0.1:9", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        # main() itself, which sets WANDB_MODE=offline unless the environment says otherwise
+        return subprocess.run([sys.executable, "-c", "from prunelab.cli import main; main()", *FAST,
+                               "logger=wandb", "pretrain.epochs=0", "finetune.epochs=0", *extra],
+                              cwd=tmp_path, text=True, capture_output=True, timeout=300, env=env)
+
+    out = run("logger.wandb.offline=false")
+    assert out.returncode != 0
+    assert "wandb login" in out.stderr or "API key" in out.stderr, out.stderr[-2000:]
+    out = run()  # offline, the default: no login needed
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ def test_at_init_and_iterative_schedules(make_cfg, tmp_path):
     assert r["final"]["sparsity_direct"] == pytest.approx(0.9, abs=1e-3)
     r = run_pipeline(make_cfg("schedule=iterative", "schedule.rounds=3", "prune.sparsity=0.875",
                               "schedule.round_epochs=1", output_dir=tmp_path / "b"))
-    sp = [r["stages"][f"prune_round{i}"]["metrics"][f"prune_round{i}/sparsity/direct"] for i in (1, 2, 3)]
+    sp = [r["stages"][f"prune_round{i}"]["metrics"]["prune/sparsity/direct"] for i in (1, 2, 3)]
     assert sp == pytest.approx([0.5, 0.75, 0.875], abs=1e-3)  # geometric in density: 1/2, 1/4, 1/8
     assert r["final"]["sparsity_direct"] == pytest.approx(0.875, abs=1e-3)
 

@@ -25,7 +25,13 @@ from torch import nn
 
 from prunelab.finetune.base import Finetune
 from prunelab.metrics.flops import masked_flops
-from prunelab.metrics.latency import count_flops, count_params, measure_latency
+from prunelab.metrics.latency import (
+    benchmark_latency,
+    check_speedup,
+    count_flops,
+    count_params,
+    relative_spread,
+)
 from prunelab.pipeline.cache import DenseEntry, debug_mode, dense_identity, dense_key, determinism_record
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.allocation import Allocation
@@ -194,25 +200,31 @@ class RunContext:
 
     def cost(self, model: nn.Module) -> dict[str, float]:
         """Parameters, FLOPs (batch 1) and, with ``measure.latency``, CPU latency per batch size of a plain
-        (dense or compacted) model. Latency is measured on a CPU copy: the figure the structured-pruning
-        benchmarks compare against the FLOPs ratio."""
+        (dense or compacted) model: median and IQR in ms and the thread count (``benchmark_latency``).
+        Latency is measured on a CPU copy: the figure the structured-pruning benchmarks compare against the
+        FLOPs ratio."""
         m = self.cfg.measure
         out: dict[str, float] = {"params": count_params(model), "flops": count_flops(model, self.input_shape)}
         if m.latency:
             on_cpu = all(p.device.type == "cpu" for p in model.parameters())
             cpu_model = model if on_cpu else copy.deepcopy(model).cpu()  # timing does not modify the model
-            out.update(measure_latency(cpu_model, self.input_shape, batch_sizes=list(m.batch_sizes),
-                                       warmup=int(m.warmup), repeats=int(m.repeats), threads=m.threads))
+            out.update(benchmark_latency(cpu_model, self.input_shape, batch_sizes=list(m.batch_sizes),
+                                         warmup=int(m.warmup), repeats=int(m.repeats), threads=m.threads,
+                                         min_run_time=float(m.get("min_run_time", 0.2))))
         return out
 
-    def structure_metrics(self, before: dict[str, float], after: dict[str, float], stage: str) -> dict[str, float]:
+    def structure_metrics(self, before: dict[str, float], after: dict[str, float], stage: str) -> dict[str, Any]:
         """``<stage>/params/total|remaining``, ``<stage>/flops/dense|remaining`` (read by the ``final`` block
         like the unstructured ones) and ``<stage>/structure/<cost>_before|_after`` plus the FLOPs reduction
-        ratio and the measured latency speedups (before / after)."""
-        out = {f"{stage}/params/total": before["params"], f"{stage}/params/remaining": after["params"],
-               f"{stage}/flops/dense": before["flops"], f"{stage}/flops/remaining": after["flops"],
-               f"{stage}/structure/flops_ratio": before["flops"] / max(1, after["flops"]),
-               f"{stage}/structure/params_ratio": before["params"] / max(1, after["params"])}
+        ratio and, when latency was measured, per batch size ``speedup_b<B>`` (median before / median after)
+        and ``speedup_spread_b<B>`` (its relative spread), ``latency_threads``, and ``speedup_plausible`` /
+        ``latency_warning`` from :func:`~prunelab.metrics.latency.check_speedup` (a warning is logged)."""
+        s = f"{stage}/structure"
+        flops_ratio = before["flops"] / max(1, after["flops"])
+        out: dict[str, Any] = {
+            f"{stage}/params/total": before["params"], f"{stage}/params/remaining": after["params"],
+            f"{stage}/flops/dense": before["flops"], f"{stage}/flops/remaining": after["flops"],
+            f"{s}/flops_ratio": flops_ratio, f"{s}/params_ratio": before["params"] / max(1, after["params"])}
         # A compacted model is dense: its direct sparsity is the fraction of the parameters removed, and
         # every remaining weight is connected, so the effective sparsity is the same.
         removed = 1.0 - after["params"] / before["params"]
@@ -220,10 +232,31 @@ class RunContext:
             out[f"{stage}/sparsity/{kind}"] = removed
             out[f"{stage}/compression/{kind}"] = before["params"] / max(1, after["params"])
         for key in before:
-            out[f"{stage}/structure/{key}_before"] = before[key]
-            out[f"{stage}/structure/{key}_after"] = after[key]
-            if key.startswith("latency_ms"):
-                out[f"{stage}/structure/speedup_{key[len('latency_ms_'):]}"] = before[key] / max(after[key], 1e-9)
+            if key == "latency_threads":
+                out[f"{s}/latency_threads"] = before[key]
+                continue
+            out[f"{s}/{key}_before"] = before[key]
+            out[f"{s}/{key}_after"] = after[key]
+        unchanged = before["flops"] == after["flops"] and before["params"] == after["params"]
+        problems = []
+        for key in before:
+            if not key.startswith("latency_ms_b"):
+                continue
+            b = key[len("latency_ms_"):]
+            speedup = before[key] / max(after[key], 1e-9)
+            spread = relative_spread(before[key], before[f"latency_iqr_ms_{b}"], after[key],
+                                     after[f"latency_iqr_ms_{b}"])
+            out[f"{s}/speedup_{b}"] = speedup
+            out[f"{s}/speedup_spread_{b}"] = spread
+            reason = check_speedup(speedup, spread, flops_ratio, unchanged)
+            if reason is not None:
+                problems.append(f"batch {b[1:]}: {reason}")
+        if any(k.startswith("latency_ms_b") for k in before):
+            out[f"{s}/speedup_plausible"] = not problems
+            out[f"{s}/latency_warning"] = "; ".join(problems) if problems else None
+            if problems:
+                log.warning("%s: implausible latency figures (%s threads): %s", stage,
+                            before.get("latency_threads"), "; ".join(problems))
         return out
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,8 @@ from prunelab.pipeline.console import CURRENT, StageLog
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
 from prunelab.pruning.method import TrainingMethod
+from prunelab.results import SCHEMA_VERSION, schema_errors
+from prunelab.runinfo import environment, hydra_choices
 from prunelab.utils.io import atomic_write_json, check_writable, read_record
 
 log = logging.getLogger(__name__)
@@ -265,7 +267,7 @@ def _command_line_keys() -> set[str]:
 
 
 def final_metrics(ctx: RunContext) -> dict[str, Any]:
-    """The ``final`` block of results.json from the stage records."""
+    """The ``final`` block of results.json from the stage records (every key: docs/results-schema.md)."""
     ft = ctx.stages.get("finetune", {}).get("metrics", {})
     pr = ctx.stages.get("prune", {}).get("metrics", {})
     pre = ctx.stages.get("pretrain", {}).get("metrics", {})
@@ -280,6 +282,9 @@ def final_metrics(ctx: RunContext) -> dict[str, Any]:
     final = {
         "test_acc": ft.get("finetune/test/acc", pr.get("prune/test/acc")),
         "test_loss": ft.get("finetune/test/loss", pr.get("prune/test/loss")),
+        # validation accuracy of the fine-tuning stage (what a hyper-parameter search may select on)
+        "val_acc_best": ft.get("finetune/val/acc_best"),
+        "val_acc_last": ft.get("finetune/val/acc_last"),
         "pretrain_test_acc": pre.get("pretrain/test/acc"),
         "prune_test_acc": pr.get("prune/test/acc"),
         "sparsity_direct": g("sparsity/direct"),
@@ -294,8 +299,8 @@ def final_metrics(ctx: RunContext) -> dict[str, Any]:
         "sparsity_target": ctx.sparsity,
         "target": str(ctx.cfg.prune.target),
     }
-    # structured pruning: cost before/after the compaction (params, FLOPs, latency, speedups), the method's
-    # own summary (e.g. reliability), and its target
+    # structured pruning: cost before/after the compaction (params, FLOPs, latency, speedups and their
+    # plausibility), the method's own summary (e.g. reliability), and its target
     for key, value in pr.items():
         if key.startswith("prune/structure/"):
             final[key[len("prune/structure/"):]] = value
@@ -303,6 +308,11 @@ def final_metrics(ctx: RunContext) -> dict[str, Any]:
     if isinstance(ctx.scorer, TrainingMethod):
         final["sparsity_target"], final["target"] = ctx.scorer.target()
     final.update(ctx.extra_final)
+    # JSON has no inf/nan (written as null): which values were non-finite, and how. The effective
+    # compression is infinite exactly when the network collapsed (layer_collapse), also in a stage record
+    # loaded from an earlier attempt (where it already reads null).
+    final["nonfinite"] = {k: ("nan" if math.isnan(v) else "inf" if v > 0 else "-inf") for k, v in final.items()
+                          if isinstance(v, float) and not math.isfinite(v)}
     return final
 
 
@@ -365,25 +375,79 @@ def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         save_final(model, masks, OmegaConf.to_container(cfg.model, resolve=True), ctx.input_shape,
                    ctx.num_classes, Path(ctx.run_dir) / FINAL_FILE)
     results = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "schema_version": SCHEMA_VERSION,
         "run_id": stable_hash(identity(cfg)),
+        "choices": hydra_choices(cfg),
+        "environment": environment(cfg),
+        "config": results_config(cfg),
         "final": final_metrics(ctx),
         "stages": ctx.stages,
         "layers": layer_rows(ctx, masks),
         "wall_time_s": time.perf_counter() - start,
-        "torch": torch.__version__,
         "debug": ctx.debug,
         "determinism": ctx.determinism,
     }
+    check_results(results)
     for lg in ctx.loggers:
-        lg.log_hyperparams({"final/" + k: v for k, v in results["final"].items()
-                            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v))})
+        if type(lg).__name__ != "WandbLogger":  # W&B: the run config is the config; final/* go to the summary
+            lg.log_hyperparams({"final/" + k: v for k, v in results["final"].items()
+                                if isinstance(v, (int, float)) and math.isfinite(v)})
         lg.finalize("success")
     if is_rank_zero():
         atomic_write_json(results, results_file)
-        _finish_wandb(ctx)
+        _finish_wandb(ctx, results["final"])
     results["results_file"] = str(results_file)
     return results
+
+
+STRICT_ENV = "PRUNELAB_STRICT_RESULTS"
+
+
+def check_results(results: dict[str, Any]) -> None:
+    """Validate ``results`` against prunelab/results_schema.json before it is written. A violation is a
+    prunelab bug: logged as an error (a finished run keeps its results), raised when the environment sets
+    ``PRUNELAB_STRICT_RESULTS=1`` (the test suite does, so every results.json a test writes is checked)."""
+    errors = schema_errors(results)
+    if not errors:
+        return
+    msg = "results.json does not match its schema (prunelab/results_schema.json):\n  " + "\n  ".join(errors[:20])
+    if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        raise ValueError(msg)
+    log.error("%s", msg)
+
+
+def results_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config for results.json, without the flattened copy of itself that the W&B logger
+    node holds (``logger.wandb.config``)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for node in (out.get("logger") or {}).values():
+        if isinstance(node, dict) and isinstance(node.get("config"), dict):
+            del node["config"]
+    return out
+
+
+DEFAULT_OBJECTIVE = "finetune/val/acc_best"
+
+
+def objective(results: dict[str, Any], cfg: DictConfig) -> float:
+    """The value a sweeper (``hparams_search=...``) optimizes: ``optimized_metric`` (default
+    ``finetune/val/acc_best``, the best validation accuracy of the fine-tuning stage), never a test metric
+    unless asked for by name. A ``<stage>/...`` name is read from that stage's record, any other name from
+    the ``final`` block. NaN (a failed trial for Optuna) when the run did not record it."""
+    name = cfg.get("optimized_metric") or DEFAULT_OBJECTIVE
+    if "/" in name:
+        stage = name.split("/", 1)[0]
+        value = results.get("stages", {}).get(stage, {}).get("metrics", {}).get(name)
+        available = sorted(k for rec in results.get("stages", {}).values() for k in rec.get("metrics", {}))
+    else:
+        value = results.get("final", {}).get(name)
+        available = sorted(results.get("final", {}))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        (log.warning if cfg.get("optimized_metric") else log.debug)(
+            "optimized_metric=%s was not recorded by this run (validation needs finetune.epochs >= 1 and "
+            "validation batches); recorded: %s", name, ", ".join(available))
+        return float("nan")
+    return float(value)
 
 
 def export_compact(ctx: RunContext, model) -> None:
@@ -395,12 +459,15 @@ def export_compact(ctx: RunContext, model) -> None:
     export(model, ctx.run_dir, ctx.input_shape, onnx=bool(ctx.cfg.measure.onnx))
 
 
-def _finish_wandb(ctx: RunContext) -> None:
+def _finish_wandb(ctx: RunContext, final: dict[str, Any]) -> None:
+    """The final metrics into the W&B run summary (numbers and flags; non-finite values as null next to
+    their flag, as in results.json), then close the run."""
     for lg in ctx.loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             if lg._experiment is not None:
-                lg.experiment.summary.update({k: v for k, v in final_metrics(ctx).items()
-                                              if isinstance(v, (int, float, bool))})
+                lg.experiment.summary.update(
+                    {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in final.items()
+                     if isinstance(v, (int, float, bool)) or (v is None and k in final["nonfinite"])})
             wandb.finish()

@@ -113,7 +113,11 @@ class AtInit(Schedule):
 
 
 class Iterative(Schedule):
-    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020)."""
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+
+    Stage records: ``prune_round<r>`` (metrics ``prune/...``, field ``round``: r) and ``retrain_round<r>``
+    (field ``round``) per round; ``prune`` is the last round's record, with the same keys as under
+    ``oneshot``."""
 
     name = "iterative"
 
@@ -147,7 +151,8 @@ class Iterative(Schedule):
         ft = ctx.finetune
         sparsities = self.round_sparsities(ctx.sparsity)
         for r, s in enumerate(sparsities, start=1):
-            masks = prune_stage(ctx, model, masks, s, stage=f"prune_round{r}")
+            # metrics named prune/... as under every schedule; the record says which round it is
+            masks = prune_stage(ctx, model, masks, s, round=r)
             if rewind_state is not None:
                 model.load_state_dict(rewind_state)
                 masks.apply(model)
@@ -155,6 +160,8 @@ class Iterative(Schedule):
                 model, masks = train_stage(ctx, model, masks, f"retrain_round{r}", epochs,
                                            ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler,
                                            use_strategy=False, recipe="pretrain")
+                ctx.stages[f"retrain_round{r}"]["round"] = r
+        # stages.prune: the last round's record (the pruned network that is fine-tuned), as under oneshot
         ctx.stages["prune"] = ctx.stages[f"prune_round{self.rounds}"]
         return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
 

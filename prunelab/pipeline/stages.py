@@ -23,6 +23,7 @@ from torch import nn
 from prunelab.pipeline.console import banner, choice
 from prunelab.pipeline.console import epochs as _epochs
 from prunelab.pipeline.context import RunContext, is_rank_zero
+from prunelab.pipeline.tracking import ValidationTracker
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import TrainingMethod
 from prunelab.pruning.target import prune_to_target
@@ -103,13 +104,17 @@ def pretrain(ctx: RunContext, rewind_epoch: int | None = None) -> tuple[nn.Modul
 
 
 def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: float, stage: str = "prune",
-                target: str | None = None) -> MaskSet:
-    """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it."""
-    banner(stage, f"method={choice('method', type(ctx.scorer).__name__)} to sparsity {sparsity:.4g} "
-                  f"({target or ctx.cfg.prune.target} target)")
-    done = ctx.load_done(stage, ("target_info", "layers_effective"))
+                target: str | None = None, round: int | None = None) -> MaskSet:
+    """Score and prune ``model`` to ``sparsity`` (direct or effective target), evaluate it, record it.
+
+    Metrics are named by the stage kind (``prune/...``) whatever the schedule; a ``round`` (iterative
+    pruning) is recorded in the record's ``round`` field and names its artefacts ``<stage>_round<r>``."""
+    name = stage if round is None else f"{stage}_round{round}"
+    banner(name, f"method={choice('method', type(ctx.scorer).__name__)} to sparsity {sparsity:.4g} "
+                 f"({target or ctx.cfg.prune.target} target)")
+    done = ctx.load_done(name, ("target_info", "layers_effective"))
     if done is not None:
-        ctx.stages[stage], state = done
+        ctx.stages[name], state = done
         model.load_state_dict(state["model"])
         return MaskSet.from_state_dict(state["masks"])
     start = time.perf_counter()
@@ -123,8 +128,10 @@ def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: flo
     sp = ctx.sparsity_metrics(model, masks, stage)
     metrics = {**sp["metrics"], **ctx.evaluate(model, stage, masks), f"{stage}/time_s": prune_time}
     record = {"metrics": metrics, "target_info": info, "layers_effective": sp["layers_effective"]}
+    if round is not None:
+        record["round"] = round
     ctx.log_metrics(metrics)
-    ctx.save_stage(stage, record, model, masks)
+    ctx.save_stage(name, record, model, masks)
     return masks
 
 
@@ -194,7 +201,8 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     if use_strategy and getattr(ctx.finetune, "keep_best", False):
         best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=f"{stage}/val/acc", mode="max",
                                save_top_k=1, enable_version_counter=False)
-    train_time = ctx.fit(module, epochs, ckpt_dir, callbacks=[best] if best else None)
+    tracker = ValidationTracker(stage)
+    train_time = ctx.fit(module, epochs, ckpt_dir, callbacks=[tracker] + ([best] if best else []))
     if best is not None:
         if best.best_model_path:
             state = torch.load(best.best_model_path, map_location=module.device, weights_only=False)
@@ -210,7 +218,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
         info.update(strategy_info)
     else:
         model, masks = prepared.model, prepared.masks
-    metrics = {**ctx.evaluate(model, stage, masks), f"{stage}/train_time_s": train_time}
+    metrics = {**ctx.evaluate(model, stage, masks), **tracker.metrics(), f"{stage}/train_time_s": train_time}
     if masks is not None:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
     record = {"metrics": metrics, "epochs": epochs, "recipe": recipe, "strategy": info}

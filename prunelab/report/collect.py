@@ -1,26 +1,27 @@
 """Collect ``results.json`` files of runs and multiruns into one pandas table.
 
-Each row is one run: its final metrics (``final.*`` flattened), the config values that vary across the
-collected runs (dotted keys such as ``method._target_`` shortened to ``method``), and bookkeeping (path,
-status). Job folders without ``results.json`` are reported as missing or failed (a job that crashed leaves
-``error.txt`` or a Hydra log with a traceback).
+Each row is one run: its final metrics (``final.*``), its flattened config (``config.*``), the option it was
+started with for each config group (``method``, ``allocation``, ``schedule``, ``finetune``, ``model``,
+``data``, ``trainer``: results.json's ``choices``, e.g. ``method=bmrs_u``) and bookkeeping (``path``,
+``run_id``, ``schema_version``). Job folders without ``results.json`` are reported as missing or failed (a
+job that crashed leaves ``error.txt`` or a Hydra log with a traceback).
+
+Non-finite numbers are JSON null in results.json (docs/results-schema.md); they are read back as what they
+were: ``compression_effective`` of a collapsed network (``layer_collapse: true``) and every key listed in
+``final.nonfinite`` become ``inf`` / ``nan`` again, so a collapsed run is never mistaken for a missing one.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-SHORT = {
-    "data._target_": "data", "model.name": "model", "method._target_": "method", "allocation._target_": "allocation",
-    "schedule._target_": "schedule", "finetune._target_": "finetune",
-}
+from prunelab.config import NON_IDENTITY, NON_IDENTITY_SUBKEYS
+from prunelab.runinfo import GROUPS
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -37,20 +38,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _num(v: Any) -> Any:
-    if v in ("inf", "-inf", "nan"):
+    if v in ("inf", "-inf", "nan"):  # results.json written before schema_version 1
         return float(v)
     return v
 
 
-def _short_target(v: Any) -> Any:
-    """``prunelab.pruning.scorers.snip.SNIPScorer`` -> ``snip``: the module name says which option it is."""
-    if isinstance(v, str) and v.count(".") >= 2:
-        parts = v.split(".")
-        if parts[-2] not in ("allocation", "schedules", "base"):
-            return parts[-2]
-        name = re.sub(r"(Allocation|Scorer)$", "", parts[-1])  # GlobalAllocation -> global, UniformPlus -> uniform_plus
-        return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
-    return v
+def read_final(final: dict[str, Any]) -> dict[str, Any]:
+    """The ``final`` block with its non-finite values restored (null + flag -> inf / nan)."""
+    out = {k: _num(v) for k, v in final.items() if k != "nonfinite"}
+    for key, kind in (final.get("nonfinite") or {}).items():
+        out[key] = float(kind)
+    if out.get("layer_collapse") and out.get("compression_effective") is None:
+        out["compression_effective"] = float("inf")
+    return out
 
 
 def find_jobs(dirs: Iterable[str | Path]) -> list[Path]:
@@ -87,35 +87,72 @@ def collect(dirs: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             problems.append({"path": str(job), "status": status, "error": err[0] if err else ""})
             continue
         res = json.loads((job / "results.json").read_text())
-        row = {f"final.{k}": _num(v) for k, v in res.get("final", {}).items()}
+        row: dict[str, Any] = {f"final.{k}": v for k, v in read_final(res.get("final", {})).items()}
         row.update({f"config.{k}": v for k, v in _flatten(res.get("config", {})).items()})
+        # the option names the run was started with; runs from before schema_version 1 have none
+        row.update({g: v for g, v in (res.get("choices") or {}).items() if g in GROUPS})
         row["path"] = str(job)
         row["run_id"] = res.get("run_id")
+        row["schema_version"] = res.get("schema_version")
         rows.append(row)
     runs = pd.DataFrame(rows)
-    if not runs.empty:
-        for long, short in SHORT.items():
-            col = f"config.{long}"
-            if col in runs:
-                runs[short] = runs[col].map(_short_target)
     return runs, pd.DataFrame(problems, columns=["path", "status", "error"])
 
 
-def varied_columns(runs: pd.DataFrame, exclude: Iterable[str] = ("config.seed", "config.paths", "config.name")) -> list[str]:
-    """Config columns whose value differs across runs (the sweep's axes), seeds excluded."""
+def _is_seed(col: str) -> bool:
+    return col == "config.seed" or col.endswith(".seed")
+
+
+def _is_path(col: str, values: pd.Series) -> bool:
+    """A path-valued setting (data folders, weight files, output folders): by its name or its values."""
+    if col.endswith(("_dir", "_path", "_file", ".path", ".root", ".weights", ".dir", ".file")):
+        return True
+    strings = [v for v in values.dropna() if isinstance(v, str)]
+    return bool(strings) and all(("/" in v or "\\" in v or v.startswith("~")) for v in strings)
+
+
+def _non_identity(col: str) -> bool:
+    """Settings that do not change what a run computes (prunelab.config.NON_IDENTITY): paths, logger,
+    measurement, names, tags..."""
+    parts = col.split(".")
+    if len(parts) < 2 or parts[0] != "config":
+        return True
+    if parts[1] in NON_IDENTITY:
+        return True
+    return len(parts) > 2 and parts[2] in NON_IDENTITY_SUBKEYS.get(parts[1], ())
+
+
+def varied_columns(runs: pd.DataFrame) -> list[str]:
+    """Config columns whose value differs across runs (the sweep's axes): settings that change results only,
+    seeds (``seed`` and every ``*.seed``, which follow it) and path-valued settings excluded."""
     cols = []
     for c in runs.columns:
-        if not c.startswith("config.") or any(c.startswith(e) for e in exclude):
-            continue
-        if c.endswith(("data_dir", "cache_dir", "output_dir", "root")):
+        if _non_identity(c) or _is_seed(c) or _is_path(c, runs[c]):
             continue
         if runs[c].astype(str).nunique(dropna=False) > 1:
             cols.append(c)
     return cols
 
 
+def default_groups(runs: pd.DataFrame) -> list[str]:
+    """The default grouping of a report: the option names that vary (``method``, ``allocation``, ...), then
+    every other varied setting (:func:`varied_columns`) except the settings of a group that its option name
+    already determines (``config.method.rule`` is implied by ``method=bmrs_u``; ``method.p=4,8`` within one
+    method is kept). Seeds are never grouped: they are what the aggregates average over."""
+    by = [g for g in GROUPS if g in runs and runs[g].astype(str).nunique(dropna=False) > 1]
+    for c in varied_columns(runs):
+        group = c.split(".")[1]
+        if group in runs and runs[group].notna().all():
+            within = runs.groupby(group, dropna=False)[c].agg(lambda s: s.astype(str).nunique(dropna=False))
+            if (within <= 1).all():
+                continue  # the option name says it
+        by.append(c)
+    return by
+
+
 def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean, std and count of each metric per group (seeds aggregated)."""
+    """Mean, std and count of each metric per group (seeds aggregated); ``collapsed``: the number of runs
+    of the group whose network collapsed (their infinite effective compression makes the mean inf)."""
     metrics = [m for m in metrics if m in runs]
     if not by:
         runs = runs.assign(_all="all")
@@ -123,27 +160,9 @@ def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataF
     num = runs[by + metrics].copy()
     for m in metrics:
         num[m] = pd.to_numeric(num[m], errors="coerce")
+    num["collapsed"] = runs["final.layer_collapse"].fillna(False).astype(bool) if "final.layer_collapse" in runs else False
     g = num.groupby(by, dropna=False, sort=True)
     out = g[metrics].agg(["mean", "std", "count"])
     out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+    out["collapsed"] = g["collapsed"].sum().astype(int)
     return out.reset_index()
-
-
-def mean_pm_std(table: pd.DataFrame, metrics: list[str], digits: int = 4) -> pd.DataFrame:
-    """A display table with ``mean ± std (n)`` cells."""
-    disp = table[[c for c in table.columns if not any(c.startswith(m + "_") for m in metrics)]].copy()
-    for m in metrics:
-        if f"{m}_mean" not in table:
-            continue
-
-        def cell(r, m=m):
-            mean, std, n = r[f"{m}_mean"], r[f"{m}_std"], int(r[f"{m}_count"])
-            if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-                return "–"
-            s = f"{mean:.{digits}g}"
-            if n > 1 and not math.isnan(std):
-                s += f" ± {std:.2g}"
-            return f"{s} ({n})"
-
-        disp[m] = table.apply(cell, axis=1)
-    return disp

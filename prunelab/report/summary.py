@@ -15,8 +15,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
+        if not math.isfinite(v):
+            return str(v)
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
 
@@ -26,7 +26,12 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     table = Table(title="prunelab: final", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    nonfinite = results["final"].get("nonfinite") or {}
     for k, v in results["final"].items():
+        if k == "nonfinite" or isinstance(v, (dict, list)):
+            continue
+        if v is None and k in nonfinite:  # a stored result: JSON null + flag
+            v = float(nonfinite[k])
         if v is not None:
             table.add_row(k, _fmt(v))
     console.print(table)

@@ -83,9 +83,11 @@ def _json_default(o: Any):
 
 
 def _finite(o: Any) -> Any:
-    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    """JSON has no inf/nan: write them as ``null`` (what every JSON reader, pandas included, reads as a
+    missing number). The writer records why a value is missing in an explicit flag next to it (e.g.
+    ``compression_effective: null`` with ``layer_collapse: true``; docs/results-schema.md)."""
     if isinstance(o, float) and not math.isfinite(o):
-        return "nan" if math.isnan(o) else ("inf" if o > 0 else "-inf")
+        return None
     if isinstance(o, dict):
         return {k: _finite(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):

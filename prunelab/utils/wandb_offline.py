@@ -37,8 +37,9 @@ def _records(data: bytes) -> list[bytes]:
 
 
 def read_offline_run(path: str | Path) -> dict[str, Any]:
-    """``{"history": [ {key: value}, ... ], "summary": {key: value}}`` of an offline run (a ``.wandb``
-    file or the ``offline-run-*`` folder holding one)."""
+    """``{"history": [ {key: value}, ... ], "summary": {key: value}, "config": {key: value}, "tags": [...],
+    "name": str, "group": str}`` of an offline run (a ``.wandb`` file or the ``offline-run-*`` folder holding
+    one). ``config`` merges the run record's config with later config updates (W&B's ``_wandb`` left out)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
@@ -46,13 +47,24 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         path = next(path.glob("*.wandb"))
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    meta: dict[str, Any] = {"tags": [], "name": None, "group": None}
+
+    def items(updates) -> dict[str, Any]:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates}
+
     for raw in _records(path.read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            history.append(items(rec.history.item))
         elif kind == "summary":
-            for i in rec.summary.update:
-                summary[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
-    return {"history": history, "summary": summary}
+            summary.update(items(rec.summary.update))
+        elif kind == "run":
+            config.update(items(rec.run.config.update))
+            meta = {"tags": list(rec.run.tags), "name": rec.run.display_name, "group": rec.run.run_group}
+        elif kind == "config":
+            config.update(items(rec.config.update))
+    config.pop("_wandb", None)
+    return {"history": history, "summary": summary, "config": config, **meta}
