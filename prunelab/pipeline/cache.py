@@ -57,7 +57,8 @@ TRAINER_NOT_IN_KEY = frozenset({
     "devices", "num_nodes",  # replaced by world_size (and global_batch)
 })
 
-# Trainer options that cut training or evaluation short: a run with any of them set is a debug run.
+# Trainer options that cut training or evaluation short (max_time: at a wall-clock moment, so never
+# reproducible): a run with any of them set is a debug run.
 DEBUG_TRAINER_OPTIONS = ("fast_dev_run", "overfit_batches", "limit_train_batches", "limit_val_batches",
                          "limit_test_batches", "limit_predict_batches", "max_time")
 
