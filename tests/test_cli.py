@@ -88,6 +88,7 @@ def test_run_then_rerun_resumes_in_same_folder(tmp_path):
                  "final metrics", "  test_acc: ", "  sparsity_direct: 0.9"):
         assert line in log, (line, log)
     assert out.stdout.count("prunelab: final") == 1
+    assert "log_every_n_steps" not in out.stderr + out.stdout  # known-harmless warnings are silenced
     first = files[0].stat().st_mtime_ns
     out = prunelab(tmp_path, *FAST, "logger=csv")  # same config -> same folder, stages loaded
     assert out.returncode == 0, out.stderr
@@ -119,12 +120,19 @@ def test_compression_on_the_command_line(tmp_path):
     ["method=random", "allocation=igq", "prune.target=effective", "prune.compression=100"],
 ])
 def test_readme_compression_commands_run(make_cfg, overrides):
-    from prunelab.pipeline.run import run_pipeline
+    from rich.console import Console
 
+    from prunelab.pipeline.run import run_pipeline
+    from prunelab.report.summary import print_summary
+
+    console = Console(record=True, width=200)
     res = run_pipeline(make_cfg(*overrides))
     assert res["final"]["sparsity_target"] == pytest.approx(0.99)
     if "schedule=at_init" in overrides:
         assert res["final"]["compression_direct"] == pytest.approx(100, rel=0.01)
+        print_summary(res, console)
+        table = console.export_text()
+        assert "recipe" in table and "│ pretrain" in table
         # the training stage of at_init uses the pretraining recipe, and says so
         assert res["stages"]["finetune"]["recipe"] == "pretrain" and "pretrain" not in res["stages"]
     else:

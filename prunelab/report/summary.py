@@ -36,12 +36,14 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
             table.add_row(k, _fmt(v))
     console.print(table)
     stages = Table(title="stages", show_header=True, header_style="bold")
-    for col in ("stage", "test acc", "cached", "time (s)"):
+    for col in ("stage", "test acc", "cached", "time (s)", "recipe"):
         stages.add_column(col)
     for name, rec in results.get("stages", {}).items():
         m = rec.get("metrics", {})
         t = m.get(f"{name}/train_time_s", m.get(f"{name}/time_s", rec.get("train_time_s")))
-        stages.add_row(name, _fmt(m.get(f"{name}/test/acc")), str(rec.get("cached", False)), _fmt(t))
+        # recipe: which section's epochs / optimizer / scheduler a training stage used (pretrain, finetune)
+        stages.add_row(name, _fmt(m.get(f"{name}/test/acc")), str(rec.get("cached", False)), _fmt(t),
+                       str(rec.get("recipe", "")))
     console.print(stages)
     if "results_file" in results:
         console.print(f"results: [bold]{results['results_file']}[/bold]")
