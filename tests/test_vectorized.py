@@ -253,3 +253,30 @@ def test_cli_vectorized_launcher(tmp_path):
     out = prunelab(tmp_path, "-m", "experiment=vectorized", *FAST, "logger=csv", "seed=0,1",
                    "schedule=oneshot,iterative", timeout=900)
     assert out.returncode == 0 and (out.stdout + out.stderr).count("already done") >= 4
+
+
+@pytest.mark.parametrize("data", ["synthetic", "digits"])
+def test_epoch_batches_are_the_pipeline_batches(tmp_path, data):
+    """Copy k's batch i of epoch e, gathered and processed chunk-wise, equals (bit for bit) its data
+    module's batch i of epoch e as the Lightning loop gets it; copies with other seeds get other batches."""
+    from prunelab.pipeline.run import build_context
+
+    cfgs = configs(tmp_path, [f"data={data}", "data.batch_size=32", "logger=none"], [["seed=0"], ["seed=5"]])
+    reqs = [vtrain.Request(build_context(c), None, 1, "") for c in cfgs]
+    data_ = [vtrain.train_dataset(r.ctx) for r in reqs]
+    sample = data_[0][0].x[0].numel() * 4
+    for epoch in (0, 3):
+        # a budget of 7 batches per chunk: chunk boundaries inside the epoch, a short last chunk
+        batches = vtrain.EpochBatches(reqs, data_, torch.device("cpu"), epoch, budget_bytes=2 * 32 * sample * 7)
+        assert batches.chunked and batches.chunk == 7 and batches.nb % 7 != 0
+        for i in range(batches.nb):
+            x, y = batches.batch(i)
+            for k, r in enumerate(reqs):
+                dm = r.ctx.datamodule
+                dm.set_epoch(epoch)
+                ds = dm.train_dataset()
+                ds.epoch_fn = None
+                ds.set_epoch(epoch)
+                xe, ye = dm.process_batch(*ds[i], train=True)
+                assert torch.equal(x[k], xe) and torch.equal(y[k], ye), (epoch, i, k)
+        assert not torch.equal(batches.batch(0)[1][0], batches.batch(0)[1][1])

@@ -79,6 +79,61 @@ def train_dataset(ctx) -> tuple[BatchIndexDataset, int]:
     return ds, num_batches(len(ds), ctx.cfg.trainer.get("limit_train_batches"))
 
 
+class EpochBatches:
+    """The copies' training batches of one epoch, stacked: ``batch(i)`` is ``(x, y)`` of shape
+    ``(N, B, ...)`` / ``(N, B)`` whose row k is copy k's batch i, exactly what its Lightning loop gets
+    (``dm.process_batch(*ds_k[i], train=True)``).
+
+    For the standard :class:`~prunelab.data.base.TensorDataModule` processing (conversion and per-channel
+    normalisation, element-wise: the result of a sample does not depend on the batch it is processed in),
+    ``chunk`` batches are gathered and processed at once per copy and stacked once (a few large operations
+    instead of N small ones per step); any other ``process_batch`` is called batch by batch."""
+
+    def __init__(self, reqs: list[Request], data: list[tuple[BatchIndexDataset, int]], device: torch.device,
+                 epoch: int, budget_bytes: int = 64 << 20):
+        self.reqs, self.data, self.device = reqs, data, device
+        for ds, _ in data:
+            ds.set_epoch(epoch)
+        self.nb = data[0][1]
+        self.bs = data[0][0].batch_size
+        self.chunked = all(_elementwise_processing(r.ctx.datamodule) for r in reqs)
+        sample = int(data[0][0].x[0].numel()) * 4
+        self.chunk = max(1, budget_bytes // max(1, len(reqs) * self.bs * sample))
+        self._start, self._x, self._y = -1, None, None
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.chunked:
+            xs, ys = [], []
+            for r, (ds, _) in zip(self.reqs, self.data):
+                x, y = ds[i]
+                x, y = r.ctx.datamodule.process_batch(x.to(self.device), y.to(self.device), train=True)
+                xs.append(x)
+                ys.append(y)
+            return torch.stack(xs), torch.stack(ys)
+        start = i - i % self.chunk
+        if start != self._start:
+            stop = min(self.nb, start + self.chunk)
+            xs, ys = [], []
+            for r, (ds, _) in zip(self.reqs, self.data):
+                idx = ds.order()[start * self.bs: stop * self.bs]
+                x, y = r.ctx.datamodule.process_batch(ds.x[idx].to(self.device), ds.y[idx].to(self.device),
+                                                      train=True)
+                xs.append(x.view(stop - start, self.bs, *x.shape[1:]))
+                ys.append(y.view(stop - start, self.bs))
+            # (steps, N, B, ...): the batch of a step is one contiguous block
+            self._x = torch.stack(xs, dim=1)
+            self._y = torch.stack(ys, dim=1)
+            self._start = start
+        return self._x[i - start], self._y[i - start]
+
+
+def _elementwise_processing(dm) -> bool:
+    from prunelab.data.base import TensorDataModule
+
+    return (isinstance(dm, TensorDataModule) and type(dm).process_batch is TensorDataModule.process_batch
+            and not dm.augment and dm.resized_crop is None)
+
+
 def group_key(req: Request) -> str:
     """Requests with the same key can be trained as one stacked model: same architecture and input, same
     recipe (so the same learning rate at every step), same number of steps, same batch size, same device."""
@@ -114,17 +169,10 @@ def train_group(reqs: list[Request]) -> list[Trained]:
     metrics: list[list[dict[str, float]]] = [[] for _ in reqs]
     stacked.apply_masks()
     for epoch in range(epochs):
-        for ds, _ in data:
-            ds.set_epoch(epoch)
+        batches = EpochBatches(reqs, data, device, epoch)
         sums = torch.zeros(n, 3, device=device)
         for i in range(nb):
-            xs, ys = [], []
-            for r, (ds, _) in zip(reqs, data):
-                x, y = ds[i]
-                x, y = r.ctx.datamodule.process_batch(x.to(device), y.to(device), train=True)
-                xs.append(x)
-                ys.append(y)
-            x, y = torch.stack(xs), torch.stack(ys)
+            x, y = batches.batch(i)
             logits = stacked.forward(x)
             losses = stacked.losses(logits, y)
             opt.zero_grad(set_to_none=True)
