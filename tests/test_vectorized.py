@@ -138,6 +138,7 @@ RECIPES = {
     "sgd_nesterov_constant_limit": ["pretrain.optimizer.nesterov=true", "pretrain.optimizer.lr=0.05",
                                     "pretrain.scheduler.name=constant", "trainer.limit_train_batches=3"],
     "adam": ["pretrain.optimizer.name=adam", "pretrain.optimizer.lr=0.001", "pretrain.optimizer.weight_decay=1e-4"],
+    "lenet5_conv": ["model=lenet5", "pretrain.optimizer.lr=0.02"],  # vmapped convolutions
 }
 
 
@@ -280,3 +281,24 @@ def test_epoch_batches_are_the_pipeline_batches(tmp_path, data):
                 xe, ye = dm.process_batch(*ds[i], train=True)
                 assert torch.equal(x[k], xe) and torch.equal(y[k], ye), (epoch, i, k)
         assert not torch.equal(batches.batch(0)[1][0], batches.batch(0)[1][1])
+
+
+def test_methods_share_one_group_and_equal_separate_runs(tmp_path):
+    """Jobs that differ only in what decides the masks (method, its options, sparsity) fine-tune as one
+    stacked model; each copy still equals its separate run."""
+    jobs = [["method=lamp"], ["method=grasp", "prune.sparsity=0.7"], ["method=synflow", "method.rounds=5"],
+            ["method=random", "allocation=erk"]]
+    overrides = [*FAST, "data.signal=0.3"]
+    sep = [run_pipeline(cfg) for cfg in configs(tmp_path / "separate", overrides, jobs)]
+    outcomes = run_vectorized(configs(tmp_path / "vectorized", overrides, jobs))
+    assert [o.status for o in outcomes] == ["done"] * 4, [(o.reason, o.error) for o in outcomes]
+    vec = [o.results for o in outcomes]
+    for a, b in zip(sep, vec):
+        wa, wb = weights(a, "finetune"), weights(b, "finetune")
+        assert all(torch.equal(wa["masks"][n], wb["masks"][n]) for n in wa["masks"])
+        assert all(torch.allclose(t, wb["model"][n], atol=ATOL, rtol=0) for n, t in wa["model"].items())
+        assert a["final"]["test_acc"] == b["final"]["test_acc"]
+    recs = [json.loads((Path(r["results_file"]).parent / "vectorized.json").read_text()) for r in vec]
+    assert [r["stages"]["finetune"]["copies"] for r in recs] == [4] * 4
+    assert [r["stages"]["pretrain"]["copies"] for r in recs[:1]] == [1] and all("pretrain" not in r["stages"]
+                                                                               for r in recs[1:])
