@@ -250,7 +250,7 @@ def test_cli_vectorized_launcher(tmp_path):
     vec = [j for j in jobs if (j / "vectorized.json").exists()]
     assert sorted(json.loads((j / "results.json").read_text())["config"]["schedule"]["_target_"].split(".")[-1]
                   for j in vec) == ["OneShot", "OneShot"]
-    assert (out.stdout + out.stderr).count("runs the normal way: schedule=iterative") == 2
+    assert (out.stdout + out.stderr).count("runs the normal way: schedule=iterative") == 2  # said once per job
     out = prunelab(tmp_path, "-m", "experiment=vectorized", *FAST, "logger=csv", "seed=0,1",
                    "schedule=oneshot,iterative", timeout=900)
     assert out.returncode == 0 and (out.stdout + out.stderr).count("already done") >= 4

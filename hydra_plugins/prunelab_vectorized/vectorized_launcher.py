@@ -86,8 +86,7 @@ class VectorizedLauncher(Launcher):
         outcomes = run_vectorized(cfgs, max_copies=self.max_copies)
         runs: list[JobReturn] = []
         for ret, sweep_config, out in zip(rets, sweep_configs, outcomes):
-            if out.status == "fallback":
-                log.info("job %s runs the normal way: %s", out.cfg.paths.output_dir, out.reason)
+            if out.status == "fallback":  # run_vectorized logged the reason
                 runs.append(self._run_job(sweep_config, self.task_function))
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
                 continue
