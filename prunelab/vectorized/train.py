@@ -11,6 +11,7 @@ its own statistics), with the number of batches per epoch limited as Lightning's
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def train_group(reqs: list[Request]) -> list[Trained]:
     if any(n != nb for _, n in data):
         raise ValueError("copies of a group must have the same number of batches per epoch")
     models = [r.module.model for r in reqs]
-    stacked = StackedModel([_detached_copy(m) for m in models], [r.module.masks for r in reqs], device)
+    stacked = StackedModel([copy.deepcopy(m) for m in models], [r.module.masks for r in reqs], device)
     opt_cfg, sched_cfg = first.module.optimizer_cfg, first.module.scheduler_cfg
     opt, sched = build(stacked.parameters(), opt_cfg, sched_cfg, steps=epochs * nb, epochs=epochs)
     clip = opt_cfg.get("clip_grad_norm")
@@ -198,8 +199,3 @@ def train_group(reqs: list[Request]) -> list[Trained]:
     log.info("vectorised %s: %d copies x %d epochs x %d steps in %.2f s", first.module.stage, n, epochs, nb, wall)
     return [Trained(stacked.state_dict(k), wall / n, n, wall, metrics[k]) for k in range(n)]
 
-
-def _detached_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
