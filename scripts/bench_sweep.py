@@ -1,10 +1,14 @@
-"""Sweep throughput: the same 8 small runs (LeNet-300-100, synthetic MNIST-shaped data, 1 pretraining and 1
-fine-tuning epoch; methods magnitude/random x 4 sparsities) run
+"""Sweep throughput: the same small runs (LeNet-300-100, synthetic MNIST-shaped data, 1 pretraining and 1
+fine-tuning epoch by default) in a grid: ``--grid methods`` (8 runs, methods magnitude/random x 4
+sparsities, one seed: one shared dense pretraining) or ``--grid seeds`` (``--seeds`` runs, seeds 0..N-1 x
+magnitude at 90%: one dense pretraining per seed, the 10-seed paper table), run
 
 - ``separate``: one ``prunelab`` process per run, one after the other (a shell loop);
 - ``sequential``: ``prunelab --multirun`` with Hydra's basic launcher (every job in one process, in turn);
 - ``joblib``: ``prunelab --multirun experiment=sweep_local`` (joblib/loky launcher, ``n_jobs`` processes);
 - ``joblib_1thread``: the same with ``OMP_NUM_THREADS=1`` (one intra-op thread per job, no oversubscription);
+- ``vectorized``: ``prunelab --multirun experiment=vectorized`` (one process, the training stages of all jobs
+  trained as one vmapped model; ``prunelab/vectorized``);
 
 each in a fresh directory (so every variant pretrains the dense model once, under the shared-cache lock, and
 reuses it for the other 7 runs). Then the per-run fixed overhead, measured apart from the sweeps:
@@ -16,6 +20,7 @@ reuses it for the other 7 runs). Then the per-run fixed overhead, measured apart
   and per evaluation: 5 for a one-shot run).
 
     python scripts/bench_sweep.py                     # 8 runs, n_jobs 2, 5 repeats of the overhead timings
+    python scripts/bench_sweep.py --grid seeds --variants sequential vectorized --skip-overhead
     python scripts/bench_sweep.py --sweep-repeats 3 --variants sequential joblib
     python scripts/bench_sweep.py --skip-sweeps       # overhead only
 """
@@ -67,25 +72,42 @@ def _count_results(cwd: Path) -> int:
     return len(list(cwd.glob("outputs/**/results.json")))
 
 
-def sweep_variants(n_jobs: int) -> dict[str, tuple[list[list[str]], dict[str, str]]]:
-    grid = [f"method={','.join(METHODS)}", f"prune.sparsity={','.join(SPARSITIES)}"]
-    separate = [[*BASE, f"method={m}", f"prune.sparsity={s}"] for m in METHODS for s in SPARSITIES]
-    joblib = ["-m", "experiment=sweep_local", f"hydra.launcher.n_jobs={n_jobs}", *BASE, *grid]
+def grid_runs(grid: str, seeds: int) -> list[list[str]]:
+    """The overrides of every run of the grid."""
+    if grid == "methods":
+        return [[f"method={m}", f"prune.sparsity={s}"] for m in METHODS for s in SPARSITIES]
+    return [[f"seed={k}", "method=magnitude", "prune.sparsity=0.9"] for k in range(seeds)]
+
+
+def grid_sweep(grid: str, seeds: int) -> list[str]:
+    """The same grid as multirun overrides."""
+    if grid == "methods":
+        return [f"method={','.join(METHODS)}", f"prune.sparsity={','.join(SPARSITIES)}"]
+    return [f"seed={','.join(str(k) for k in range(seeds))}", "method=magnitude", "prune.sparsity=0.9"]
+
+
+def sweep_variants(n_jobs: int, base: list[str], grid: str = "methods", seeds: int = 10
+                   ) -> dict[str, tuple[list[list[str]], dict[str, str]]]:
+    sweep = grid_sweep(grid, seeds)
+    separate = [[*base, *run] for run in grid_runs(grid, seeds)]
+    joblib = ["-m", "experiment=sweep_local", f"hydra.launcher.n_jobs={n_jobs}", *base, *sweep]
     return {
         "separate": (separate, _env()),
-        "sequential": ([["-m", *BASE, *grid]], _env()),
+        "sequential": ([["-m", *base, *sweep]], _env()),
         "joblib": ([joblib], _env()),
         "joblib_1thread": ([joblib], _env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")),
+        "vectorized": ([["-m", "experiment=vectorized", *base, *sweep]], _env()),
     }
 
 
-def time_sweeps(n_jobs: int, variants: list[str], repeats: int = 1) -> dict[str, float]:
+def time_sweeps(n_jobs: int, variants: list[str], repeats: int = 1, base: list[str] = BASE,
+                grid: str = "methods", seeds: int = 10) -> dict[str, float]:
     """Median wall time of each variant over ``repeats`` rounds, the variants interleaved in every round (so
     that drifts in the machine's load hit them alike); each sweep in a fresh directory (fresh cache)."""
-    runs = len(METHODS) * len(SPARSITIES)
+    runs = len(grid_runs(grid, seeds))
     times: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for name, (commands, env) in sweep_variants(n_jobs).items():
+        for name, (commands, env) in sweep_variants(n_jobs, base, grid, seeds).items():
             if name not in variants:
                 continue
             cwd = Path(tempfile.mkdtemp(prefix=f"bench_sweep_{name}_"))
@@ -97,6 +119,8 @@ def time_sweeps(n_jobs: int, variants: list[str], repeats: int = 1) -> dict[str,
                 got = _count_results(cwd)
                 if got != runs:
                     raise RuntimeError(f"{name}: {got} results.json, expected {runs}")
+                if name == "vectorized" and len(list(cwd.glob("outputs/**/vectorized.json"))) != runs:
+                    raise RuntimeError("vectorized: some runs fell back to the normal way (see the log)")
             finally:
                 shutil.rmtree(cwd, ignore_errors=True)
             print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
@@ -180,7 +204,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-jobs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="repeats of each overhead timing (median)")
-    ap.add_argument("--variants", nargs="+", default=["separate", "sequential", "joblib", "joblib_1thread"])
+    ap.add_argument("--variants", nargs="+",
+                    default=["separate", "sequential", "joblib", "joblib_1thread", "vectorized"])
+    ap.add_argument("--grid", choices=["methods", "seeds"], default="methods")
+    ap.add_argument("--seeds", type=int, default=10, help="runs of --grid seeds")
+    ap.add_argument("--pretrain-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--skip-overhead", action="store_true", help="only the sweeps")
     ap.add_argument("--sweep-repeats", type=int, default=1, help="interleaved rounds of the sweeps (median)")
     ap.add_argument("--skip-sweeps", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
@@ -188,24 +218,34 @@ def main() -> None:
 
     from _bench import machine
 
-    runs = len(METHODS) * len(SPARSITIES)
+    base = [b for b in BASE if not b.startswith(("pretrain.epochs=", "finetune.epochs="))]
+    base += [f"pretrain.epochs={args.pretrain_epochs}", f"finetune.epochs={args.finetune_epochs}"]
+    runs = len(grid_runs(args.grid, args.seeds))
     print(f"# sweep throughput\nmachine: {machine()}\nload average before: {os.getloadavg()}\n")
-    print(f"{runs} runs: {' '.join(BASE)} x method={METHODS} x prune.sparsity={SPARSITIES}\n")
+    print(f"{runs} runs: {' '.join(base)} x {' '.join(grid_sweep(args.grid, args.seeds))}\n")
     result: dict[str, dict[str, float]] = {}
     if not args.skip_sweeps:
         print("sweeps (wall time):", flush=True)
-        sweeps = time_sweeps(args.n_jobs, args.variants, args.sweep_repeats)
+        sweeps = time_sweeps(args.n_jobs, args.variants, args.sweep_repeats, base, args.grid, args.seeds)
         result["sweeps_s"] = sweeps
         ref = sweeps.get("sequential")
-        print(f"\n| variant (median of {args.sweep_repeats}) | wall s | s / run | vs sequential (one process) |"
-              "\n|---|---|---|---|")
+        print(f"\n| variant (median of {args.sweep_repeats}) | wall s | s / run | time vs sequential | "
+              "throughput vs sequential |\n|---|---|---|---|---|")
         for k, v in sweeps.items():
             ratio = f"{v / ref:.2f}x" if ref else "-"
-            print(f"| {k} | {v:.1f} | {v / runs:.2f} | {ratio} |")
+            speed = f"{ref / v:.2f}x" if ref else "-"
+            print(f"| {k} | {v:.1f} | {v / runs:.2f} | {ratio} | {speed} |")
         if ref and "joblib" in sweeps:
             print(f"\nspeed-up joblib (n_jobs={args.n_jobs}) over sequential: {ref / sweeps['joblib']:.2f}x")
         if ref and "separate" in sweeps:
             print(f"extra cost of one process per run: {(sweeps['separate'] - ref) / runs:.2f} s per run")
+        if ref and "vectorized" in sweeps:
+            print(f"throughput vectorized over sequential: {ref / sweeps['vectorized']:.2f}x (target >= 3x)")
+    if args.skip_overhead:
+        print(f"\nload average after: {os.getloadavg()}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     print(f"\nper-run fixed overhead (median of {args.repeats}):", flush=True)
     proc = process_overhead(args.repeats)
     inproc = in_process_overhead(args.repeats)

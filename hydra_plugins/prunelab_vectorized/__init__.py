@@ -1,0 +1,1 @@
+"""Hydra launcher ``hydra/launcher=vectorized``: the jobs of a multirun with their training vectorised."""
