@@ -101,7 +101,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
 NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure"}
-NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
+NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir"},  # md5-checked: same data
+                        "trainer": {"enable_progress_bar"}}
 
 
 def register_configs() -> None:

@@ -2,7 +2,8 @@
 # "Connectivity Matters" (Vysogorets & Kempe, JMLR 2023) grid on LeNet-300-100 / full Fashion-MNIST (60k/10k)
 # on a CPU, re-runnable and resuming (each run's folder is named by a hash of its config; finished runs are
 # skipped):
-#   RUNS=/work/runs/cm_fmnist EPOCHS=3 scripts/reproduce_connectivity_fmnist.sh [GROUP...]
+#   RUNS=/work/runs/cm_fmnist EPOCHS=3 BATCH=500 scripts/reproduce_connectivity_fmnist.sh [GROUP...]
+# (defaults: the overlay's recipe, 60 epochs at batch 100; EPOCHS / BATCH cut it for a shared CPU)
 # GROUPs (default: all, in this order): random (uniform / ERK / IGQ quotas), saliency (SNIP, GraSP),
 # imp (magnitude after training, one round, lottery-ticket rewinding to epoch 1), synflow, lamp (LAMP after
 # training, one round with rewinding, like imp). Compressions 10..1000 (5 log-spaced points), direct and
@@ -12,7 +13,8 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/cm_fmnist}"
-EPOCHS="${EPOCHS:-3}"
+EPOCHS="${EPOCHS:-60}"
+BATCH="${BATCH:-100}"
 SEEDS="${SEEDS:-0 1 2}"
 COMPS="${COMPS:-10,31.62,100,316.2,1000}"
 PL="${PRUNELAB:-prunelab}"
@@ -21,7 +23,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREAD
 groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(random saliency imp synflow lamp)
 mkdir -p "$RUNS" && cd "$RUNS" || exit 1
 common=(experiment=connectivity_lenet_fashion_mnist name=cm_fmnist "paths.cache_dir=$RUNS/cache"
-        "paths.data_dir=$RUNS/data" pretrain.epochs="$EPOCHS" "prune.compression=$COMPS"
+        "paths.data_dir=$RUNS/data" pretrain.epochs="$EPOCHS" data.batch_size="$BATCH"
+        "prune.compression=$COMPS"
         prune.target=direct,effective logger=csv trainer.enable_progress_bar=false)
 [ -n "${DATA_SOURCE:-}" ] && common+=("data.source_dir=$DATA_SOURCE")
 after_training=(allocation=global schedule=iterative schedule.rounds=1 schedule.rewind_epoch=1)
