@@ -6,7 +6,8 @@
 # (defaults: the overlay's recipe, 60 epochs at batch 100; EPOCHS / BATCH cut it for a shared CPU)
 # GROUPs (default: all, in this order): random (uniform / ERK / IGQ quotas), saliency (SNIP, GraSP),
 # imp (magnitude after training, one round, lottery-ticket rewinding to epoch 1), synflow, lamp (LAMP after
-# training, one round with rewinding, like imp). Compressions 10..1000 (5 log-spaced points), direct and
+# training, one round with rewinding, like imp); SynFlow with the paper's code's linearisation and per-round
+# count (method.linearize=linear method.count_rule=floor: prunelab/pruning/scorers/synflow.py). Compressions 10..1000 (5 log-spaced points), direct and
 # effective targets; seeds are the outer loop so an interrupted grid leaves whole seeds.
 # Data: the official Fashion-MNIST files (README "Data"); DATA_SOURCE names a folder holding them.
 # Results: docs/results/connectivity_lenet300_fmnist.md (tables + plots made by prunelab-report).
@@ -32,7 +33,8 @@ run_group() {
   case "$1" in
     random)   $PL -m "${common[@]}" seed="$2" method=random allocation=uniform,erk,igq ;;
     saliency) $PL -m "${common[@]}" seed="$2" method=snip,grasp allocation=global ;;
-    synflow)  $PL -m "${common[@]}" seed="$2" method=synflow allocation=global ;;
+    synflow)  $PL -m "${common[@]}" seed="$2" method=synflow allocation=global \
+                +method.linearize=linear +method.count_rule=floor ;;  # the paper's code (prune_synflow)
     imp)      $PL -m "${common[@]}" seed="$2" method=magnitude "${after_training[@]}" ;;
     lamp)     $PL -m "${common[@]}" seed="$2" method=lamp "${after_training[@]}" ;;
     *) echo "unknown group $1 (random saliency imp synflow lamp)" >&2; return 2 ;;
