@@ -4,8 +4,7 @@
 #   RUNS=/work/runs/overparam_fmnist CACHE=/work/runs/lenet5_fmnist_cache scripts/reproduce_overparam_fmnist.sh
 # One-shot L2-norm structured pruning at RATIOS of the FLOPs removed, then the same compact network fine-tuned
 # with finetune=vanilla / overparam / overparam_spkd (SP-KD on the last stage output, finetune.positions=last,
-# as RepDistiller's SP), same epochs and LR schedule; seeds are the outer loop for vanilla / overparam, then
-# the SP-KD arm. Overlay: conf/experiment/overparam_lenet5_fashion_mnist.yaml.
+# as RepDistiller's SP), same epochs and LR schedule; seeds are the outer loop. Overlay: conf/experiment/overparam_lenet5_fashion_mnist.yaml.
 # Results: docs/results/overparam_lenet5_fmnist.md (scripts/overparam_table.py).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,10 +20,8 @@ common=(experiment=overparam_lenet5_fashion_mnist "paths.cache_dir=$CACHE" "path
         "method.amount=$RATIOS" trainer.enable_progress_bar=false)
 [ -n "${DATA_SOURCE:-}" ] && common+=("data.source_dir=$DATA_SOURCE")
 failed=0
-for seed in $SEEDS; do
+for seed in $SEEDS; do  # seeds outer: an interrupted grid leaves whole seeds
   $PL -m "${common[@]}" seed="$seed" finetune=vanilla,overparam || { echo "seed $seed FAILED" >&2; failed=1; }
-done
-for seed in $SEEDS; do
   $PL -m "${common[@]}" seed="$seed" finetune=overparam_spkd finetune.positions=last \
     || { echo "spkd seed $seed FAILED" >&2; failed=1; }
 done
