@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", required=True, help="paths.cache_dir of the Taylor grid (dense models)")
     p.add_argument("--data-dir", required=True, help="paths.data_dir of the Taylor grid")
     p.add_argument("--experiment", default="taylor_lenet5_fashion_mnist")
-    p.add_argument("--batches", type=int, default=8, help="validation batches (data.batch_size each)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches (data.eval_batch_size each)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     register_configs()
