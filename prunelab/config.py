@@ -119,7 +119,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 # ``debug`` only names the debug option; the settings it changes (trainer limits, epochs) are in the identity.
 NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug",
                 "tags", "optimized_metric"}
-NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download"}, "trainer": {"enable_progress_bar"}}
+NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir"},  # md5-checked: same data
+                        "trainer": {"enable_progress_bar"}}
 
 
 def register_configs() -> None:

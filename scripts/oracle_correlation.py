@@ -5,7 +5,7 @@ MNIST: 1x28x28, 10 classes; class-dependent templates plus noise, so there is so
 criterion and the oracle ``(E(unit removed) - E(full))^2`` are computed on the same batches, and the
 Spearman and Kendall correlations over all scored units are printed as a Markdown table.
 
-    python scripts/oracle_correlation.py --models lenet_300_100 lenet5 --train-steps 100
+    python scripts/oracle_correlation.py --models lenet_300_100 lenet5_caffe --train-steps 100
     python scripts/oracle_correlation.py --models vgg19 resnet18 --oracle-groups 3 --vgg-width 0.25
 
 The oracle costs one forward pass per unit and batch: ``--oracle-groups N`` restricts it (and the
@@ -30,6 +30,7 @@ from prunelab.pruning.structured.groups import build_groups
 MODELS = {
     "lenet_300_100": ((1, 28, 28), {}),
     "lenet5": ((1, 28, 28), {}),
+    "lenet5_caffe": ((1, 28, 28), {}),
     "vgg19": ((3, 32, 32), {}),
     "resnet18": ((3, 32, 32), {}),
     "resnet20": ((3, 32, 32), {}),
@@ -106,7 +107,7 @@ def correlations(args, name: str) -> dict[str, tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5", "vgg19", "resnet18"],
+    p.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5_caffe", "vgg19", "resnet18"],
                    choices=sorted(MODELS))
     p.add_argument("--criteria", nargs="+", default=["taylor_fo", "taylor_fo_weight", "taylor_so", "l2_norm",
                                                       "bn_scale", "random"])

@@ -13,7 +13,7 @@ NPZ=${NPZ:-outputs/mnist10k.npz}
 RATIOS=${RATIOS:-0.7,0.9}
 SEEDS=${SEEDS:-0}
 FT_EPOCHS=${FT_EPOCHS:-2}
-$PL -m name=overparam_small data=npz data.path="$NPZ" data.batch_size=100 model=lenet5 \
+$PL -m name=overparam_small data=npz data.path="$NPZ" data.batch_size=100 model=lenet5_caffe \
   method=l2_norm method.target_kind=flops schedule=oneshot \
   pretrain.epochs=8 "pretrain.optimizer={name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}" \
   finetune=vanilla,overparam,overparam_spkd finetune.epochs="$FT_EPOCHS" \
@@ -25,7 +25,7 @@ $PY scripts/overparam_table.py outputs/multirun/overparam_small --setting lenet5
 # SP-KD variants (only the overparam_spkd arm): stage outputs as in Tung & Mori (LeNet-5: the ReLUs feeding the
 # two pools) with the default gamma, and the expanded-block outputs with gamma / 10.
 for VARIANT in "finetune.positions=stages finetune.gamma=3000" "finetune.positions=expanded finetune.gamma=300"; do
-  $PL -m name=overparam_small_spkd data=npz data.path="$NPZ" data.batch_size=100 model=lenet5 \
+  $PL -m name=overparam_small_spkd data=npz data.path="$NPZ" data.batch_size=100 model=lenet5_caffe \
     method=l2_norm method.target_kind=flops schedule=oneshot \
     pretrain.epochs=8 "pretrain.optimizer={name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}" \
     finetune=overparam_spkd finetune.epochs="$FT_EPOCHS" \

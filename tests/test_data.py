@@ -307,7 +307,8 @@ def test_mnist_like_from_idx_files(
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100"])
 def test_missing_files_raise_clear_error(tmp_path: Path, name: str) -> None:
-    dm = compose(name, tmp_path / "nowhere", download=False)
+    extra = {"source_dir": None} if "mnist" in name else {}  # an installed dataset package must not be used
+    dm = compose(name, tmp_path / "nowhere", download=False, **extra)
     for call in (dm.prepare_data, dm.setup):
         with pytest.raises(FileNotFoundError) as info:
             call()
@@ -339,6 +340,135 @@ def test_corrupted_cifar_file_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
     dm.prepare_data()  # files are present: the cheap check passes; integrity is verified on load
     with pytest.raises(FileNotFoundError, match="corrupted"):
         dm.setup()
+
+
+# ------------------------------------------------------------------------- official files from a local folder
+def _gz_member(payload: bytes, mtime: int, name: str | None) -> bytes:
+    """A gzip member as GNU gzip writes it (XFL 0, OS 3): with the file name (FLG.FNAME) or without it."""
+    import zlib
+
+    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = comp.compress(payload) + comp.flush()
+    flg, fname = (0x08, name.encode() + b"\0") if name else (0, b"")
+    head = b"\x1f\x8b\x08" + bytes([flg]) + struct.pack("<I", mtime) + b"\x00\x03" + fname
+    return head + body + struct.pack("<II", zlib.crc32(payload), len(payload) & 0xFFFFFFFF)
+
+
+def official_folder(folder: Path, monkeypatch: pytest.MonkeyPatch, n_train: int = 30, n_test: int = 12,
+                    debian: bool = False) -> dict[str, np.ndarray]:
+    """Write the four Fashion-MNIST files as 'official' .gz files (name + mtime in the header) and point
+    torchvision's md5s at them; with ``debian`` the folder holds them as Debian ships them (header without the
+    name, mtime of the package build, same compressed data) and the module is told the original headers."""
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    resources, headers = [], {}
+    for i, (name, arr) in enumerate(arrays.items()):
+        payload = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        payload += arr.tobytes()
+        mtime = 1503000000 + i
+        official = _gz_member(payload, mtime, name)
+        resources.append((f"{name}.gz", hashlib.md5(official).hexdigest()))
+        headers[f"{name}.gz"] = mtime
+        shipped = _gz_member(payload, 1591347949, None) if debian else official
+        (folder / f"{name}.gz").write_bytes(shipped)
+    monkeypatch.setattr(tvd.FashionMNIST, "resources", resources)
+    monkeypatch.setattr(pdata.FashionMnistDataModule, "official_headers", headers if debian else {})
+    return arrays
+
+
+@pytest.mark.parametrize("debian", [False, True])
+def test_fashion_mnist_from_a_local_copy_of_the_official_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, debian: bool
+) -> None:
+    arrays = official_folder(tmp_path / "official", monkeypatch, debian=debian)
+    if debian:  # the shipped bytes differ from the official file: only the restored header makes the md5 match
+        shipped = (tmp_path / "official" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+        assert hashlib.md5(shipped).hexdigest() != dict(tvd.FashionMNIST.resources)["t10k-labels-idx1-ubyte.gz"]
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("network used")
+
+    monkeypatch.setattr(tvd.mnist, "download_and_extract_archive", no_network)
+    dm = compose("fashion_mnist", tmp_path / "data", download=True, source_dir=str(tmp_path / "official"),
+                 val_fraction=0.0)
+    dm.prepare_data()
+    dm.setup()
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(arrays)  # decompressed where torchvision reads them
+    x_te, y_te = dm.split("test")
+    assert torch.equal(x_te[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
+    assert torch.equal(y_te, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
+    x_tr, _ = dm.split("train")
+    assert torch.equal(x_tr[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+
+
+def test_fashion_mnist_source_auto_detects_the_package_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = official_folder(tmp_path / "pkg", monkeypatch, debian=True)
+    monkeypatch.setattr(pdata.FashionMnistDataModule, "system_dirs", (str(tmp_path / "absent"), str(tmp_path / "pkg")))
+    dm = compose("fashion_mnist", tmp_path / "data", download=False)  # source_dir: auto (the default)
+    assert dm.source() == tmp_path / "pkg"
+    dm.setup()
+    assert torch.equal(dm.split("test")[1], torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
+    off = compose("fashion_mnist", tmp_path / "data2", download=False, source_dir=None)
+    assert off.source() is None
+    with pytest.raises(FileNotFoundError, match="data.download"):
+        off.setup()
+
+
+@pytest.mark.parametrize("debian", [False, True])
+def test_fashion_mnist_source_wrong_md5_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, debian: bool
+) -> None:
+    official_folder(tmp_path / "src", monkeypatch, debian=debian)
+    bad = tmp_path / "src" / "train-labels-idx1-ubyte.gz"
+    data = bytearray(bad.read_bytes())
+    data[-9] ^= 0xFF  # one byte of the compressed data (before the CRC/size trailer)
+    bad.write_bytes(bytes(data))
+    dm = compose("fashion_mnist", tmp_path / "data", download=False, source_dir=str(tmp_path / "src"))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz has md5 [0-9a-f]{32}, expected [0-9a-f]{32}"):
+        dm.setup()
+    assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte").exists()
+
+
+def test_fashion_mnist_source_missing_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    official_folder(tmp_path / "src", monkeypatch)
+    (tmp_path / "src" / "t10k-images-idx3-ubyte.gz").unlink()
+    dm = compose("fashion_mnist", tmp_path / "data", download=False, source_dir=str(tmp_path / "src"))
+    with pytest.raises(FileNotFoundError, match=r"data.source_dir=.*missing t10k-images-idx3-ubyte\.gz"):
+        dm.prepare_data()
+
+
+def test_source_dir_does_not_change_the_run_id(make_cfg, tmp_path: Path) -> None:
+    from prunelab.config import identity, stable_hash
+
+    a = make_cfg("data=fashion_mnist", "data.source_dir=/somewhere", "logger=none", fast=False)
+    b = make_cfg("data=fashion_mnist", "data.source_dir=null", "logger=none", fast=False)
+    assert stable_hash(identity(a)) == stable_hash(identity(b))
+
+
+PACKAGE_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (PACKAGE_FMNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="dataset-fashion-mnist not installed")
+def test_debian_package_files_have_torchvision_md5s_with_official_headers() -> None:
+    """The installed package's files (headers normalised by Debian) are the official ones, byte for byte in the
+    compressed data: restoring the recorded headers gives torchvision's md5 (the labels: cheap enough here)."""
+    from prunelab.data.vision import _md5, _with_header
+
+    cls = pdata.FashionMnistDataModule
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        data = (PACKAGE_FMNIST / name).read_bytes()
+        restored = _with_header(data, cls.official_headers[name], name[:-3])
+        assert _md5(restored) == dict(tvd.FashionMNIST.resources)[name]
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="real MNIST t10k not available")

@@ -20,7 +20,7 @@ def random_masks(model: nn.Module, density: float = 0.5, seed: int = 0) -> MaskS
 
 
 def test_selection_options():
-    model = build_model("lenet5", (1, 28, 28), 10)
+    model = build_model("lenet5_caffe", (1, 28, 28), 10)
     names = prunable_parameters(model)
     assert names == ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight"]
     assert prunable_parameters(model, exclude_first=True, exclude_last=True) == names[1:-1]

@@ -8,9 +8,11 @@ tensor fast path of :class:`~prunelab.data.base.TensorDataModule`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +128,55 @@ def _gunzip_missing(raw: Path, names: list[str]) -> None:
         log.info("decompressed %s", packed)
 
 
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _with_header(data: bytes, mtime: int, name: str) -> bytes:
+    """``data`` (a gzip member) with its header replaced by one carrying ``mtime`` and the file name ``name``
+    (FLG.FNAME), XFL 0 and OS 3 (Unix): the deflate stream and the CRC32/size trailer are kept byte for byte."""
+    flg = data[3]
+    if data[:3] != b"\x1f\x8b\x08" or flg & ~0x08:  # only a bare header or one with a name: nothing else to skip
+        return data
+    body = 10
+    if flg & 0x08:
+        body = data.index(b"\0", 10) + 1
+    return b"\x1f\x8b\x08\x08" + struct.pack("<I", mtime) + b"\x00\x03" + name.encode() + b"\0" + data[body:]
+
+
 class _MnistLike(TorchvisionDataModule):
     """MNIST-format (IDX) datasets: ``<data_dir>/<ClassName>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
 
     Like torchvision's own download, gzip-compressed ``.gz`` files found there are decompressed in place.
+
+    ``source_dir``: a folder holding the four official ``*-idx?-ubyte.gz`` files (a local copy, no network).
+    When ``raw`` lacks the files, each one is md5-checked against the md5 torchvision checks for its download
+    (``dataset_cls.resources``) and decompressed into ``raw``; torchvision then parses them as usual. ``"auto"``
+    (the default) uses the first complete folder of ``system_dirs`` (Fashion-MNIST: the Debian/Ubuntu package
+    ``dataset-fashion-mnist``), ``None`` never looks outside ``data_dir``. A wrong md5 is an error naming the
+    file. Debian's packaging normalises gzip headers (strip-nondeterminism: file name dropped, mtime set to the
+    build date) without touching the compressed data; such a file is checked with its original header restored
+    (``official_headers``: the mtime and name of each official file), so the md5 compared is still
+    torchvision's.
     """
+
+    system_dirs: tuple[str, ...] = ()
+    official_headers: dict[str, int] = {}  # official .gz name -> mtime of its original gzip header
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        augment: bool = False,
+        download: bool = True,
+        source_dir: str | None = "auto",
+    ) -> None:
+        super().__init__(data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment, download)
+        self.source_dir = None if source_dir in (None, "", "none", "null") else str(source_dir)
 
     def raw_dir(self) -> Path:
         return Path(self.data_dir) / self.dataset_cls.__name__ / "raw"
@@ -142,7 +188,58 @@ class _MnistLike(TorchvisionDataModule):
         names = [f"{n} (or {n}.gz)" for n in self.expected_files()]
         return missing_data_error(self.raw_dir(), names, cause=cause)
 
+    def _raw_complete(self) -> bool:
+        raw = self.raw_dir()
+        return all((raw / n).is_file() or (raw / f"{n}.gz").is_file() for n in self.expected_files())
+
+    def source(self) -> Path | None:
+        """The folder the official files are taken from: ``source_dir``, or the first complete
+        ``system_dirs`` folder when ``source_dir="auto"``, or ``None``."""
+        if self.source_dir is None:
+            return None
+        gz = [name for name, _ in self.dataset_cls.resources]
+        if self.source_dir != "auto":
+            src = Path(self.source_dir).expanduser()
+            missing = [n for n in gz if not (src / n).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"data.source_dir={str(src)!r}: missing {', '.join(missing)} (the official {self.name} files: "
+                    f"{', '.join(gz)})"
+                )
+            return src
+        for d in self.system_dirs:
+            if all((Path(d) / n).is_file() for n in gz):
+                return Path(d)
+        return None
+
+    def _import_official(self, src: Path) -> None:
+        """md5-check the official ``.gz`` files in ``src`` and decompress them into :meth:`raw_dir`."""
+        raw = self.raw_dir()
+        raw.mkdir(parents=True, exist_ok=True)
+        for gz_name, md5 in self.dataset_cls.resources:
+            path = src / gz_name
+            data = path.read_bytes()
+            got = _md5(data)
+            if got != md5 and gz_name in self.official_headers:
+                restored = _with_header(data, self.official_headers[gz_name], os.path.splitext(gz_name)[0])
+                if _md5(restored) == md5:
+                    got = md5  # same compressed data as the official file, header normalised by the packager
+            if got != md5:
+                raise ValueError(
+                    f"data.source_dir: {path} has md5 {got}, expected {md5} (the md5 torchvision checks for the "
+                    f"official {gz_name}); the file is corrupted or not the official {self.name} file"
+                )
+            target = raw / os.path.splitext(gz_name)[0]
+            tmp = raw / f".{target.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(gzip.decompress(data))
+            os.replace(tmp, target)
+        log.info("%s: official files from %s (md5-checked) decompressed into %s", self.name, src, raw)
+
     def _prepare_local_files(self) -> None:
+        if not self._raw_complete():
+            src = self.source()
+            if src is not None:
+                self._import_official(src)
         if self.raw_dir().is_dir():
             _gunzip_missing(self.raw_dir(), self.expected_files())
 
@@ -210,6 +307,17 @@ class FashionMnistDataModule(_MnistLike):
     default_std = (0.3530,)
     crop_padding = 2
     hflip = True
+    # `apt-get install dataset-fashion-mnist` (Debian / Ubuntu) puts the four official files here, their gzip
+    # headers normalised (no file name; mtime 1591347949, the package build of 0.0~git20200523.55506a9-1).
+    # The official headers carry these mtimes (GNU gzip, XFL 0, OS 3, with the file name): with them restored
+    # the package's files have exactly torchvision's md5s (searched once over the mtimes, 2026-11-29).
+    system_dirs = ("/usr/share/datasets/fashion-mnist",)
+    official_headers = {
+        "train-images-idx3-ubyte.gz": 1504176606,  # 2017-08-31 10:50:06 UTC
+        "train-labels-idx1-ubyte.gz": 1504176606,
+        "t10k-images-idx3-ubyte.gz": 1504176627,  # 2017-08-31 10:50:27 UTC
+        "t10k-labels-idx1-ubyte.gz": 1504176627,
+    }
 
 
 @DATASETS.register("cifar10")

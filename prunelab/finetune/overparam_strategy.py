@@ -20,7 +20,7 @@ from torch import nn
 
 from prunelab.finetune.base import Finetune, Prepared
 from prunelab.finetune.overparam import count_params, expand_model, merge_model, remask
-from prunelab.finetune.spkd import SPKDLoss, default_positions
+from prunelab.finetune.spkd import POSITION_MODES, SPKDLoss, default_positions
 from prunelab.pruning.masks import MaskSet
 
 
@@ -72,9 +72,9 @@ class OverParamSPKD(OverParam):
 
     def __init__(self, *args, gamma: float = 3000.0, positions: str | Sequence[str] = "stages", **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(positions, str) and positions not in ("expanded", "stages"):
-            raise ValueError(f"finetune.positions={positions!r}; allowed values: expanded, stages, or a list of "
-                             "module names")
+        if isinstance(positions, str) and positions not in POSITION_MODES:
+            raise ValueError(f"finetune.positions={positions!r}; allowed values: {', '.join(POSITION_MODES)}, or a "
+                             "list of module names")
         self.gamma = float(gamma)
         self.positions = positions if isinstance(positions, str) else list(positions)
 

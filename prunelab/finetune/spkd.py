@@ -169,8 +169,16 @@ def _stage_positions(model: nn.Module) -> list[str]:
     return layers_[:-1]
 
 
+POSITION_MODES = ("stages", "last", "expanded")
+
+
 def default_positions(model: nn.Module, mode: str = "stages") -> list[str]:
     """Module names whose outputs SP-KD compares.
+
+    ``"last"``: the last of the ``"stages"`` positions only -- one feature, as RepDistiller's SP
+    (``HobbitLong/RepDistiller`` ``train_student.py``: ``g_s = [feat_s[-2]]``, the output of the last stage before
+    the final pooling); ``"stages"`` (prunelab's default) sums over every stage output as in Tung & Mori
+    (2019, Eq. 4, for which their gamma = 3000 was tuned).
 
     ``"expanded"``: every ``ExpandedConv2d``/``ExpandedLinear`` block (registration order); call it on the
     expanded student (the dense teacher has plain layers at the same names).
@@ -188,8 +196,10 @@ def default_positions(model: nn.Module, mode: str = "stages") -> list[str]:
         out = [n for n, m in model.named_modules() if isinstance(m, EXPANDED_TYPES)]
     elif mode == "stages":
         out = _stage_positions(model)
+    elif mode == "last":
+        out = _stage_positions(model)[-1:]
     else:
-        raise ValueError(f"default_positions: mode must be 'expanded' or 'stages', got {mode!r}")
+        raise ValueError(f"default_positions: mode must be one of {', '.join(POSITION_MODES)}, got {mode!r}")
     if not out:
         raise ValueError(f"default_positions: no {mode!r} position found in {type(model).__name__}")
     return out

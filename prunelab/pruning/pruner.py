@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from prunelab.pruning.allocation import Allocation
@@ -27,6 +28,28 @@ def density_schedule(start_density: float, final_density: float, rounds: int) ->
     return [start_density * ratio ** (t / rounds) for t in range(1, rounds + 1)]
 
 
+COUNT_RULES = ("round", "floor", "kthvalue")
+
+
+def kthvalue_masks(scores, masks: MaskSet, density: float) -> MaskSet:
+    """Tanaka et al.'s global rule (``ganguli-lab/Synaptic-Flow`` ``Pruners/pruners.py: _global_mask``):
+    ``k = int((1 - density) * N)`` over ALL N prunable weights (pruned ones score 0, as their weight is 0), the
+    k-th smallest score is the threshold and every weight scoring ``<= threshold`` is pruned (ties pruned
+    together, so more than k can go); nothing is pruned when ``k < 1``."""
+    names = list(masks)
+    flat = torch.cat([torch.where(masks[n].to(scores[n].device), scores[n].detach(), 0).flatten().double().cpu()
+                      for n in names])
+    k = int((1.0 - density) * flat.numel())
+    if k < 1:
+        return masks.copy()
+    threshold = torch.kthvalue(flat, k).values
+    out = {}
+    for n in names:
+        s = torch.where(masks[n].to(scores[n].device), scores[n].detach(), 0).double().cpu()
+        out[n] = ((s > threshold) & masks[n].cpu()).to(masks[n].device)
+    return MaskSet(out)
+
+
 def prune(
     model: nn.Module,
     masks: MaskSet,
@@ -35,11 +58,28 @@ def prune(
     sparsity: float,
     batches: Sequence[Batch] = (),
 ) -> MaskSet:
-    """Prune ``model`` to ``sparsity`` (fraction of the prunable weights in ``masks`` removed)."""
+    """Prune ``model`` to ``sparsity`` (fraction of the prunable weights in ``masks`` removed).
+
+    The scorer's ``count_rule`` (SynFlow's option; default ``round``) says how many weights each round keeps at
+    density ``d_t``: ``round`` keeps ``round(N d_t)`` (prunelab); ``floor`` removes ``int(N - N d_t)``, the lowest
+    scores among the unpruned (Vysogorets & Kempe's code, ``pruning.py: prune_synflow``); ``kthvalue`` is
+    Tanaka et al.'s threshold rule (:func:`kthvalue_masks`, global allocation only)."""
+    rule = getattr(scorer, "count_rule", "round")
+    if rule not in COUNT_RULES:
+        raise ValueError(f"method.count_rule={rule!r}; allowed values: {', '.join(COUNT_RULES)}")
+    if rule == "kthvalue" and allocation.name != "global":
+        raise ValueError(f"method.count_rule=kthvalue is Tanaka et al.'s global rule: use allocation=global, "
+                         f"not allocation={allocation.name}")
+    n = masks.numel()
     start_density = 1.0 - masks.sparsity()
     for density in density_schedule(start_density, 1.0 - sparsity, max(1, int(scorer.rounds))):
         masks.apply(model)
         scores = scorer.score(model, masks, batches)
-        masks = allocation.masks_from_scores(scores, masks, 1.0 - density)
+        if rule == "kthvalue":
+            masks = kthvalue_masks(scores, masks, density)
+        elif rule == "floor":
+            masks = allocation.masks_from_scores(scores, masks, int(n - n * density) / n)
+        else:
+            masks = allocation.masks_from_scores(scores, masks, 1.0 - density)
     masks.apply(model)
     return masks
