@@ -22,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/prunelab experiment=demo
 
-test: $(STAMP)
+test: $(STAMP)         # the whole suite (what CI runs)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+
+test-fast: $(STAMP)    # unit and property tests only (no end-to-end pipelines, CLI subprocesses, DDP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prunelab tests scripts

@@ -62,3 +62,19 @@ def make_cfg(tmp_path):
         return compose_config(tmp_path, (FAST if fast else []) + list(overrides), output_dir)
 
     return _make
+
+
+# The fast tier (`make test-fast`: unit and property tests) leaves out the modules that run whole pipelines,
+# the CLI in subprocesses or several processes; `make test` (CI) runs everything.
+END_TO_END = {
+    "test_bad_input", "test_bmrs_pipeline", "test_cache", "test_cli", "test_ddp", "test_ddp_methods",
+    "test_determinism", "test_dllp_pipeline", "test_eval", "test_export", "test_faults", "test_model_sources",
+    "test_overparam_pipeline", "test_pipeline", "test_readme", "test_results_schema", "test_slurm",
+    "test_structured_pipeline", "test_sweep_summary", "test_sweeps", "test_vectorized",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in END_TO_END:
+            item.add_marker(pytest.mark.slow)
