@@ -221,7 +221,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 def export_compact(ctx: RunContext, model) -> None:
     """The pruned network as a plain module: ``model_compact.pt`` (loads with ``torch.load``, no prunelab
     surgery needed) and, with ``measure.onnx``, ``model_compact.onnx``."""
-    from prunelab.pruning.structured.compact import export_onnx, save_compact
+    from prunelab.pruning.units.compact import export_onnx, save_compact
 
     model = model.cpu().eval()
     save_compact(model, ctx.run_dir / "model_compact.pt")
