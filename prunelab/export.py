@@ -37,7 +37,7 @@ STATE_FILE = "model_compact_state_dict.pt"
 
 
 def _plain_eval_copy(model: nn.Module) -> nn.Module:
-    from prunelab.pruning.structured.gates import strip_gate_hooks
+    from prunelab.pruning.units.gates import strip_gate_hooks
 
     model = copy.deepcopy(model).cpu().eval()
     strip_gate_hooks(model)
@@ -67,7 +67,7 @@ def export_compact(model: nn.Module, run_dir: str | Path, input_shape: tuple[int
     """Write the compacted network in every format above; returns the files written. A format that fails
     (``torch.export`` cannot trace every model) is logged as a warning and skipped: the others are still
     written, and the pickled module always is."""
-    from prunelab.pruning.structured.compact import export_onnx, save_compact
+    from prunelab.pruning.units.compact import export_onnx, save_compact
 
     run_dir = Path(run_dir)
     model = _plain_eval_copy(model)

@@ -1,7 +1,7 @@
 """Structured pruning that is actually faster: FLOPs reduction vs measured CPU latency speed-up.
 
 For each model, 50% of the units of every dependency group are removed (uniform per group, lowest L2 norm of
-the incoming weights), the model is compacted (:func:`prunelab.pruning.structured.compact.compact`), and the
+the incoming weights), the model is compacted (:func:`prunelab.pruning.units.compact.compact`), and the
 FLOPs ratio (dense / pruned) is printed next to the measured latency speed-up at batch 1 and 64, together
 with the same pruning done by Torch-Pruning's own ``MetaPruner`` + ``MagnitudeImportance`` (L2). The target
 is a batch-64 speed-up of at least 0.8 x the FLOPs ratio.
@@ -22,10 +22,10 @@ import torch_pruning as tp
 from prunelab.metrics.latency import count_flops, count_params, measure_latency
 from prunelab.models import build_model
 from prunelab.pruning.structured import criteria as C
-from prunelab.pruning.structured.compact import compact
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import build_groups, find_classifier
 from prunelab.pruning.structured.pruner import per_group_masks
+from prunelab.pruning.units.compact import compact
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import build_groups, find_classifier
 
 MODELS = {"vgg19": (3, 32, 32), "resnet18": (3, 32, 32), "resnet50": (3, 224, 224), "resnet20": (3, 32, 32)}
 

@@ -24,8 +24,8 @@ from scipy.stats import kendalltau, spearmanr
 
 from prunelab.models import build_model
 from prunelab.pruning.structured import criteria as C
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import build_groups
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import build_groups
 
 MODELS = {
     "lenet_300_100": ((1, 28, 28), {}),

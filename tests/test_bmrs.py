@@ -380,11 +380,11 @@ def test_unit_param_counts():
     )  # in-row + bias + (mu, log_sigma) + out-column
     assert c["3.bmrs_noise"].tolist() == [32 + 1 + 2 + 3] * 16
     lenet = TinyLeNet()
-    c = unit_param_counts(lenet, insert_noise(lenet))
+    c = unit_param_counts(lenet, insert_noise(lenet), torch.zeros(2, 1, 28, 28))
     assert int(c["features.1.bmrs_noise"][0]) == 25 + 1 + 2 + 8 * 25
     assert int(c["features.4.bmrs_noise"][0]) == 6 * 25 + 1 + 2 + 20 * 16  # flatten: 4x4 columns per channel
     resnet = torchvision.models.resnet18(num_classes=10)
-    c = unit_param_counts(resnet, insert_noise(resnet))
+    c = unit_param_counts(resnet, insert_noise(resnet), torch.zeros(2, 3, 32, 32))
     assert int(c["layer1.0.bn1.bmrs_noise"][0]) == 64 * 9 + 2 + 2 + 64 * 9
     assert int(c["layer1.0.bn2.bmrs_noise"][0]) == 64 * 9 + 2 + 2  # feeds the residual sum: no consumer
     assert int(c["bn1.bmrs_noise"][0]) == 3 * 49 + 2 + 2  # the stem output forks (identity + conv)
@@ -413,7 +413,7 @@ def test_param_masks_reproduce_unit_pruning(make):
                 m.bias.data.uniform_(-1, 1)
     with torch.no_grad():
         expected = model(x)
-        masks = param_masks(model, noises)
+        masks = param_masks(model, noises, example=x[:2])
         params = dict(model.named_parameters())
         for name, m in masks.items():
             params[name].mul_(m)

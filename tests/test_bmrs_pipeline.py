@@ -17,14 +17,7 @@ from torch import nn
 from prunelab.models import build_model
 from prunelab.pipeline.run import run_pipeline
 from prunelab.pruning.bayes import bmrs as B
-from prunelab.pruning.bayes.bmrs_method import (
-    BMRSHook,
-    BMRSMethod,
-    ChannelMask,
-    compact_units,
-    fold_noise,
-    noise_sites,
-)
+from prunelab.pruning.bayes.bmrs_method import BMRSHook, BMRSMethod, compact_folded, fold_noise, noise_sites
 from tests.helpers import check_pruned_beats_random, surplus_units_problem
 
 BAYES = ["schedule=bayesian", "schedule.epochs=2", "measure.latency=false", "finetune.keep_best=true"]
@@ -162,7 +155,7 @@ def test_fold_and_compact_equal_the_masked_model(name, shape):
     fold_noise(model, noises, sites)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-    small, info = compact_units(model, masks, sites, x[:2])
+    small, left, info = compact_folded(model, masks, noises, x[:2])
     small.eval()
     with torch.no_grad():
         got = small(x)
@@ -171,25 +164,28 @@ def test_fold_and_compact_equal_the_masked_model(name, shape):
     assert n_small < sum(p.numel() for p in model.parameters())
     if name == "resnet20":
         # residual-coupled units: removed only where every coupled noise prunes them, the rest masked to zero
-        assert info["units_masked_not_removed"] > 0
-        assert any(isinstance(m, ChannelMask) for m in small.modules())
+        assert info["units_masked_not_removed"] > 0 and left is not None
         assert info["units_removed_physically"] + info["units_masked_not_removed"] <= pruned
     else:
         assert info["units_removed_physically"] == pruned and info["units_masked_not_removed"] == 0
-    # the masked channels stay at zero while training (zero gradient through the mask)
-    small.train()
-    opt = torch.optim.SGD(small.parameters(), lr=0.1)
-    F.cross_entropy(small(x), torch.randint(0, 10, (8,))).backward()
-    opt.step()
-    small.eval()
-    for mod in small.modules():
-        cm = getattr(mod, "bmrs_mask", None)
-        if isinstance(cm, ChannelMask):
-            assert (mod.weight[~cm.mask] == 0).all()
-    # deepcopy / torch.save keep the mask hooks working
-    clone = copy.deepcopy(small).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(clone(x), small(x))
+        assert left is None
+        return
+    # the masked channels stay at zero while training with the pipeline's enforcement (masked gradients
+    # before the step, masked weights after it) -- and only because of it
+    bns = {n: m for n, m in left.items() if n.endswith("bn2.weight") or n.endswith("bn1.weight")}
+    assert bns and all(bool((small.get_parameter(n)[~m] == 0).all()) for n, m in bns.items())
+    free = copy.deepcopy(small)
+    for net, enforce in ((small, True), (free, False)):
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=0.0)
+        F.cross_entropy(net(x), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))).backward()
+        if enforce:
+            left.mask_grads(net)
+        opt.step()
+        if enforce:
+            left.apply(net)
+    assert all(bool((small.get_parameter(n)[~m] == 0).all()) for n, m in left.items())
+    assert any(bool((free.get_parameter(n)[~m] != 0).any()) for n, m in left.items())
 
 
 def test_noise_parameters_have_no_weight_decay():

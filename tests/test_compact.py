@@ -9,9 +9,10 @@ from torch import nn
 
 from prunelab.metrics.latency import count_flops, count_params, measure_latency
 from prunelab.models import build_model
-from prunelab.pruning.structured.compact import CostModel, compact, export_onnx, load_compact, save_compact
-from prunelab.pruning.structured.gates import GateHook, Gates
-from prunelab.pruning.structured.groups import build_groups, param_masks
+from prunelab.pruning.units.compact import CostModel, compact, export_onnx, load_compact, save_compact
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import build_groups, param_masks
+from prunelab.pruning.units.sites import SiteHook
 
 CASES = {
     "mlp": ("mlp", (1, 28, 28), {}),
@@ -88,7 +89,7 @@ def test_compacted_is_smaller_and_cost_model_exact(pruned):
     assert f1 < f0 and p1 < p0
     assert cost.estimate(pruned["masks"]) == (f1, p1)
     assert (cost.total_flops, cost.total_params) == (f0, p0)
-    assert not any(isinstance(h, GateHook) for m in small.modules() for h in m._forward_hooks.values())
+    assert not any(isinstance(h, SiteHook) for m in small.modules() for h in m._forward_hooks.values())
 
 
 def test_producer_widths_match_masks(pruned):

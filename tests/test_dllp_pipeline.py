@@ -15,8 +15,9 @@ from torch import nn
 from prunelab.models import build_model
 from prunelab.pipeline.run import run_pipeline
 from prunelab.pruning.bayes.dllp import DLLP, attach_gates
-from prunelab.pruning.bayes.dllp_method import DLLPHook, DLLPMethod, compact_pruned
+from prunelab.pruning.bayes.dllp_method import DLLPHook, DLLPMethod
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
+from prunelab.pruning.units.compact import compact_units
 
 DLLP_RUN = ["method=dllp", "schedule=train_prune", "schedule.epochs=1", "method.particles=3",
             "measure.latency=false", "method.reliability_batches=1"]
@@ -75,7 +76,8 @@ def test_compaction_residual_equals_masked_and_masks_hold():
     keep = dllp.unit_masks(target_sparsity=0.5)
     dense = dllp.pruned_model(keep=keep).eval()
     x = torch.randn(6, 3, 16, 16)
-    small, info = compact_pruned(dense, dllp.masks(keep=keep), keep, dllp.model, x[:2])
+    sites = [s.site for s in dllp.model.sites]
+    small, left, info = compact_units(dense, {s.layer: keep[s.layer] for s in sites}, sites, x[:2])
     small.eval()
     with torch.no_grad():
         ref, out = dense(x), small(x)
@@ -84,13 +86,15 @@ def test_compaction_residual_equals_masked_and_masks_hold():
     n_small = sum(p.numel() for p in small.parameters())
     assert n_small < n_dense and info["units_removed_physically"] > 0
     # residual-coupled channels pruned at some but not all sites stay, zero-masked, and stay zero when trained
-    assert info["params_zero_masked"] > 0
+    assert info["params_zero_masked"] > 0 and left is not None
     small.train()
     opt = torch.optim.SGD(small.parameters(), lr=0.1)
     small(x).logsumexp(-1).sum().backward()
+    left.mask_grads(small)  # the fine-tuning step's enforcement (PruneModule)
     opt.step()
-    masked = [(m.weight_mask, m.weight) for m in small.modules() if hasattr(m, "weight_mask")]
-    assert masked and all(bool((w[mk == 0] == 0).all()) for mk, w in masked)
+    left.apply(small)
+    masked = [(m, small.get_parameter(n)) for n, m in left.items()]
+    assert masked and all(bool((w[~mk] == 0).all()) for mk, w in masked)
 
 
 def test_weight_granularity_pipeline_keeps_masks_through_finetune(make_cfg):
@@ -102,8 +106,11 @@ def test_weight_granularity_pipeline_keeps_masks_through_finetune(make_cfg):
     assert final["sparsity_direct"] == pytest.approx(0.7, abs=1e-3)
     assert final["dllp_unit_sparsity"] == pytest.approx(0.7, abs=1e-3)
     # after fine-tuning the pruned weights are still exactly zero
-    state = torch.load(Path(cfg.paths.output_dir) / "stages" / "finetune.pt", weights_only=False)["model"]
-    w = [state[k] * state[k.replace("_orig", "_mask")] for k in state if k.endswith("weight_orig")]
+    stage = torch.load(Path(cfg.paths.output_dir) / "stages" / "finetune.pt", weights_only=False)
+    state, masks = stage["model"], stage["masks"]
+    assert set(masks) == {"1.weight"}  # the MaskSet handed from the prune stage to fine-tuning
+    w = [state[k] for k in masks]
+    assert all(bool((state[k][~m] == 0).all()) for k, m in masks.items())
     assert len(w) == 1  # the hidden layer (the output layer is never gated)
     zeros = sum(int((t == 0).sum()) for t in w) / sum(t.numel() for t in w)
     assert zeros == pytest.approx(0.7, abs=1e-3)

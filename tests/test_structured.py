@@ -11,9 +11,9 @@ from torch import nn
 
 from prunelab.models import build_model
 from prunelab.pruning.structured import criteria as C
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import ChannelGroup, GateSite, GroupMember, build_groups
 from prunelab.pruning.structured.pruner import PruneSchedule, StructuredPruner, per_group_masks
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import ChannelGroup, GateSite, GroupMember, build_groups
 
 
 def _group(model: nn.Module, groups, name: str) -> ChannelGroup:

@@ -23,9 +23,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.finetune.base import ExtraLoss
-from prunelab.pipeline.hooks import TrainHook
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.masks import MaskSet
+from prunelab.training.hooks import TrainHook
 from prunelab.utils.finite import NonFiniteError, optimizer_advice
 
 

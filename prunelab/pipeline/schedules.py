@@ -20,6 +20,7 @@ import logging
 
 from prunelab.pipeline.context import RunContext
 from prunelab.pipeline.stages import method_prune_stage, pretrain, prune_stage, train_stage
+from prunelab.pruning.density import round_sparsities
 from prunelab.pruning.method import TrainingMethod, check_choice
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ class OneShot(Schedule):
         teacher = ctx.clone(model).eval()
         ft = ctx.finetune
         if isinstance(ctx.scorer, TrainingMethod):  # structured: remove units, compact, fine-tune
-            model = method_prune_stage(ctx, model)
-            return train_stage(ctx, model, None, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
+            model, left = method_prune_stage(ctx, model)
+            return _finetune_units(ctx, model, left, teacher)
         masks = prune_stage(ctx, model, ctx.new_masks(model), ctx.sparsity)
         return train_stage(ctx, model, masks, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
 
@@ -131,7 +132,7 @@ class Iterative(Schedule):
         self.round_epochs = round_epochs
 
     def round_sparsities(self, sparsity: float) -> list[float]:
-        return [1.0 - (1.0 - sparsity) ** (r / self.rounds) for r in range(1, self.rounds + 1)]
+        return round_sparsities(sparsity, self.rounds)
 
     def run(self, ctx: RunContext):
         if self.rewind_epoch is not None and self.rewind_epoch > int(ctx.cfg.pretrain.epochs):
@@ -190,9 +191,10 @@ class TrainPrune(Schedule):
     def check(self, method) -> None:
         if not isinstance(method, TrainingMethod):
             raise ValueError(f"schedule={self.name} needs a method that prunes during training (taylor_fo, "
-                             "taylor_fo_weight, taylor_so, l2_norm, bn_scale, random_structured, oracle, bmrs_n, "
-                             f"bmrs_u, snr, dllp); method={getattr(method, 'name', method)} is a scorer: use "
-                             "schedule=oneshot, at_init or iterative")
+                             "taylor_fo_weight, taylor_so, l2_norm, bn_scale, random_structured, oracle, slimming, "
+                             "bmrs_n, bmrs_u, snr, expected_theta, dllp); "
+                             f"method={getattr(method, 'name', method)} is a scorer: use schedule=oneshot, at_init "
+                             "or iterative")
 
     def run(self, ctx: RunContext):
         teacher = None
@@ -206,5 +208,15 @@ class TrainPrune(Schedule):
             opt, sched = ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler
         else:
             opt, sched = ft.optimizer, ft.scheduler
-        model = method_prune_stage(ctx, model, schedule=self, optimizer=opt, scheduler=sched)
-        return train_stage(ctx, model, None, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher)
+        model, left = method_prune_stage(ctx, model, schedule=self, optimizer=opt, scheduler=sched)
+        return _finetune_units(ctx, model, left, teacher)
+
+
+def _finetune_units(ctx: RunContext, model, left, teacher):
+    """Fine-tune the network a training-time method finished with, enforcing the masks of the units it could
+    not remove physically (``left``) with the same fused multiplies as unstructured masks. Returns
+    ``(model, None)``: the result is a plain (compacted) network whose pruned units are exactly zero."""
+    ft = ctx.finetune
+    model, _ = train_stage(ctx, model, left, "finetune", ft.epochs, ft.optimizer, ft.scheduler, teacher,
+                           weight_masks=False)
+    return model, None

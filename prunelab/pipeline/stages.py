@@ -136,28 +136,30 @@ def prune_stage(ctx: RunContext, model: nn.Module, masks: MaskSet, sparsity: flo
 
 
 def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", schedule: Any = None,
-                       optimizer=None, scheduler=None) -> nn.Module:
+                       optimizer=None, scheduler=None) -> tuple[nn.Module, MaskSet | None]:
     """Prune with a :class:`TrainingMethod`: one-shot from scores (``schedule=None``) or while training for
     ``schedule.epochs`` (its hook drives pruning), then the method's ``finish`` (compaction for structured
     methods). Records the cost of the model before and after (params, FLOPs, latency) and the accuracy of the
-    pruned network; returns the pruned (compact) network."""
+    pruned network; returns the pruned (compact) network and the masks of the pruned units it still holds
+    (``None`` when every pruned unit was removed), which the fine-tuning stage enforces."""
     banner(stage, f"method={choice('method', type(ctx.scorer).__name__)}, "
                   + (f"while training {_epochs(schedule.epochs)}" if schedule is not None else "one shot"))
     done = ctx.load_done(stage, ("method",), state_keys=("module",))
     if done is not None:
         ctx.stages[stage], state = done
-        return state["module"]
+        masks = MaskSet.from_state_dict(state["masks"]) if state.get("masks") is not None else None
+        return state["module"], masks
     method: TrainingMethod = ctx.scorer
     before = ctx.cost(model)
     start = time.perf_counter()
     if schedule is None:
-        small, info = method.one_shot(ctx, model, ctx.score_batches())
+        small, masks, info = method.one_shot(ctx, model, ctx.score_batches())
         train_time = 0.0
     else:
         train_model, hook = method.attach(ctx, model, schedule)
         module = ctx.module(train_model, stage, optimizer, scheduler, hook=hook)
         train_time = ctx.fit(module, int(schedule.epochs), ctx.run_dir / "checkpoints" / stage)
-        small, info = method.finish(ctx, module.model, hook)
+        small, masks, info = method.finish(ctx, module.model, hook)
     prune_time = time.perf_counter() - start
     after = ctx.cost(small)
     metrics = {**ctx.structure_metrics(before, after, stage),
@@ -165,19 +167,23 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
                **ctx.evaluate(small, stage), f"{stage}/time_s": prune_time, f"{stage}/train_time_s": train_time}
     record = {"metrics": metrics, "method": info}
     ctx.log_metrics(metrics)
-    ctx.save_stage(stage, record, small, None, extra={"module": small})
+    ctx.save_stage(stage, record, small, masks, extra={"module": small})
     if is_rank_zero():
         shutil.rmtree(ctx.run_dir / "checkpoints" / stage, ignore_errors=True)
-    return small
+    return small, masks
 
 
 def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage: str, epochs: int,
                 optimizer, scheduler, teacher: nn.Module | None = None,
-                use_strategy: bool = True, recipe: str = "finetune") -> tuple[nn.Module, MaskSet | None]:
+                use_strategy: bool = True, recipe: str = "finetune",
+                weight_masks: bool = True) -> tuple[nn.Module, MaskSet | None]:
     """Train the pruned model (``finetune`` and retraining rounds). With ``use_strategy`` the fine-tuning
     strategy of the config may transform the model during training (over-parameterization, distillation).
     ``recipe``: which config section ``epochs``/``optimizer``/``scheduler`` came from (``pretrain`` or
-    ``finetune``), recorded in the stage record."""
+    ``finetune``), recorded in the stage record. ``weight_masks=False``: ``masks`` hold the units a
+    training-time method pruned but could not remove (:class:`~prunelab.pruning.method.Finished`); they are
+    enforced the same way, but the stage records no weight-sparsity metrics for them (the prune stage's
+    structure metrics stay the run's figures)."""
     banner(stage, f"{_epochs(epochs)}, recipe {recipe} ({optimizer['name']} lr {optimizer['lr']})")
     done = ctx.load_done(stage, ("epochs", "strategy"))
     if done is not None:
@@ -219,7 +225,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     else:
         model, masks = prepared.model, prepared.masks
     metrics = {**ctx.evaluate(model, stage, masks), **tracker.metrics(), f"{stage}/train_time_s": train_time}
-    if masks is not None:
+    if masks is not None and weight_masks:
         metrics.update(ctx.sparsity_metrics(model, masks, stage)["metrics"])
     record = {"metrics": metrics, "epochs": epochs, "recipe": recipe, "strategy": info}
     if module.mask_sync is not None:

@@ -2,7 +2,7 @@
 :mod:`prunelab.pruning.scorers`).
 
 A :class:`TrainingMethod` turns the model into what it trains (gates, noise variables, particles...) and
-returns the :class:`~prunelab.pipeline.hooks.TrainHook` that drives pruning inside the training loop;
+returns the :class:`~prunelab.training.hooks.TrainHook` that drives pruning inside the training loop;
 ``finish`` turns the trained model back into a plain network, physically smaller where units were removed.
 ``schedule=train_prune`` (and its preset ``iterative_structured``) runs them; methods that can also prune
 from scores alone (the structured criteria) implement ``one_shot`` and work with ``schedule=oneshot``.
@@ -13,11 +13,17 @@ Adding a method: one file with a ``TrainingMethod`` subclass and one YAML in ``c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-from prunelab.pipeline.hooks import TrainHook
+from prunelab.pruning.masks import MaskSet
+from prunelab.training.hooks import TrainHook
+
+#: which target option a method reads: ``weights`` (``prune.sparsity`` / ``prune.compression``: fraction of
+#: the prunable weights), ``method`` (its own ``method.*`` options: structured ``amount`` / ``target_kind``),
+#: ``units`` (``method.sparsity``, by default ``prune.sparsity``: a fraction of units), ``none`` (threshold-free)
+PRUNE_TARGETS = ("weights", "method", "units", "none")
 
 
 def check_choice(option: str, value: Any, allowed: Sequence[Any]) -> Any:
@@ -27,20 +33,34 @@ def check_choice(option: str, value: Any, allowed: Sequence[Any]) -> Any:
     return value
 
 
+class Finished(NamedTuple):
+    """What a training-time method hands to fine-tuning: the plain pruned network (compacted where units were
+    removed), a :class:`MaskSet` over its parameters for pruned units that could not be removed physically
+    (``None`` when there are none; fine-tuning enforces it like unstructured masks), and a JSON-able record."""
+
+    model: nn.Module
+    masks: MaskSet | None
+    record: dict[str, Any]
+
+
 class TrainingMethod:
     name = "base"
     structured: bool = True
     needs_data: bool = True
     # this method prunes with schedule=oneshot (scores -> masks) as well as during training
     supports_one_shot: bool = False
+    # which target option it reads (PRUNE_TARGETS) and, for the error message, the option that sets it
+    prune_target: str = "method"
+    target_option: str = "method.amount"
 
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, TrainHook]:
         """Prepare ``model`` for pruning while training; returns (the module to train, its hook).
         ``schedule`` is the :class:`~prunelab.pipeline.schedules.TrainPrune` object (frequency, k...)."""
         raise NotImplementedError
 
-    def finish(self, ctx, model: nn.Module, hook: TrainHook) -> tuple[nn.Module, dict[str, Any]]:
-        """After the pruning stage: (the plain pruned network, a JSON-able record). In the record, ``metrics``
+    def finish(self, ctx, model: nn.Module, hook: TrainHook) -> Finished:
+        """After the pruning stage: the plain pruned network, the masks of units it still holds at zero, and a
+        JSON-able record (:class:`Finished`). In the record, ``metrics``
         (a flat dict of numbers) is logged with the stage prefix and ``final`` (a flat dict) is merged into the
         ``final`` block of results.json (e.g. reliability estimates)."""
         raise NotImplementedError
@@ -49,12 +69,27 @@ class TrainingMethod:
         """(target value, its kind) for the ``final`` block of results.json (``sparsity_target``, ``target``)."""
         return None, self.name
 
-    def one_shot(self, ctx, model: nn.Module, batches: list) -> tuple[nn.Module, dict[str, Any]]:
+    def one_shot(self, ctx, model: nn.Module, batches: list) -> Finished:
         raise ValueError(f"method={self.name} prunes during training: use schedule=train_prune "
                          "(or one of its presets, e.g. schedule=iterative_structured)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({vars(self)})"
+
+
+def check_target_options(method: Any, prune: Any) -> None:
+    """A run that explicitly sets ``prune.sparsity`` or ``prune.compression`` for a method that does not read
+    them fails here, naming the option and the method's own target option. Explicitly set: not null (the
+    default of both is null; 0.9 applies when neither is set and the method reads them)."""
+    target = getattr(method, "prune_target", "weights")
+    if target in ("weights", "units"):
+        return
+    for option in ("sparsity", "compression"):
+        if prune.get(option) is not None:
+            own = getattr(method, "target_option", None)
+            hint = (f"its target is {own}" if own else "it is threshold-free (no target option)")
+            raise ValueError(f"prune.{option}={prune.get(option)} is ignored by method={method.name}: {hint}; "
+                             f"unset prune.{option} (allowed values for this method: null)")
 
 
 def train_set_size(dm: Any) -> int:

@@ -1,7 +1,7 @@
 """Score -> allocate -> mask, for one-shot and iterative scorers.
 
 ``prune`` is the single entry point used by every schedule: it applies the current masks, asks the scorer
-for scores (``rounds`` times for iterative scorers such as SynFlow, with the exponential density schedule),
+for scores (``rounds`` times for iterative scorers such as SynFlow, with the exponential density schedule of :mod:`prunelab.pruning.density`),
 lets the allocation turn scores into masks and returns the new :class:`MaskSet`, with the model's pruned
 weights set to zero.
 """
@@ -14,19 +14,9 @@ import torch
 from torch import nn
 
 from prunelab.pruning.allocation import Allocation
+from prunelab.pruning.density import density_schedule
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Batch, Scorer
-
-
-def density_schedule(start_density: float, final_density: float, rounds: int) -> list[float]:
-    """Exponential schedule: density after round t is start * (final / start) ** (t / rounds)."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if final_density <= 0:
-        return [0.0] * rounds
-    ratio = final_density / start_density
-    return [start_density * ratio ** (t / rounds) for t in range(1, rounds + 1)]
-
 
 COUNT_RULES = ("round", "floor", "kthvalue")
 

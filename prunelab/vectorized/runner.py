@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from prunelab.config import identity
 from prunelab.pipeline.context import RunContext
-from prunelab.pipeline.hooks import TrainHook
+from prunelab.training.hooks import TrainHook
 from prunelab.utils.io import atomic_write_json, read_json
 from prunelab.vectorized.stacked import unsupported_model
 from prunelab.vectorized.train import Request, Trained, device_of, group_key, train_group

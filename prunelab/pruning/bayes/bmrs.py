@@ -13,14 +13,16 @@ Public API (training-loop agnostic; the Lightning wiring lives elsewhere):
 - :func:`delta_f_n` (BMRS_N), :func:`delta_f_u` (BMRS_U), :func:`prune_scores` (all rules incl. baselines).
 - :class:`BMRSPruner` -- recomputes unit masks from the current posteriors (continuous pruning), statistics.
 - :func:`rank_units` -- units ordered from most to least prunable, for post-training sweeps.
-- :func:`unit_param_counts`, :func:`param_masks` -- parameters owned by units, in prunelab's mask convention.
+- :func:`unit_param_counts`, :func:`param_masks` -- parameters owned by units, in prunelab's mask convention
+  (from the dependency groups of :mod:`prunelab.pruning.units`).
 
-Placement choice (:func:`insert_noise`): the noise module is registered as a child ``bmrs_noise`` of the module
-whose output it multiplies and applied by a *forward hook* on that module. Unlike wrapping the module in
+Placement choice (:func:`insert_noise`): the noise is a multiplier on the layer sites of
+:mod:`prunelab.pruning.units.sites`; the noise module is registered as a child ``bmrs_noise`` of the module
+whose output it multiplies and applied by a site hook (a forward hook) on that module. Unlike wrapping the module in
 ``nn.Sequential(module, noise)``, this leaves every existing parameter name unchanged (``layer1.0.bn1.weight``
 stays ``layer1.0.bn1.weight``), so checkpoints of the pretrained model still load, prunelab's masks keyed by
-parameter name stay valid, and ``copy.deepcopy``/``torch.save`` keep working (the hook is a bound method of the
-noise module, which ``deepcopy`` re-binds to the copy).
+parameter name stay valid, and ``copy.deepcopy``/``torch.save`` keep working (the hook holds the noise module,
+which ``deepcopy`` maps to the copy's).
 
 Noise sampling: the authors' code (``modules/layers.py``, ``reparameterize(x.shape)``) draws an independent
 ``theta`` for every element of the activation tensor (per example, and per spatial position for conv maps)
@@ -34,12 +36,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from prunelab.pruning.bayes import lognormal as ln
+from prunelab.pruning.units.groups import build_groups
+from prunelab.pruning.units.layers import BN_TYPES, UNIT_TYPES
+from prunelab.pruning.units.sites import LayerSite, attach, layer_sites, site_param_masks, strip_site_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +68,6 @@ NOISE_ATTR = "bmrs_noise"
 SAMPLE_MODES = ("element", "sample", "batch")
 PLACEMENTS = ("auto", "batchnorm", "activation", "transformer")
 TRANSFORMER_SUFFIXES = ("mlp.fc2", "output.dense")
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Softplus,
-)  # fmt: skip
-# Modules mapping a zero channel to a zero channel without mixing channels: a pruned unit stays removed.
-_ZERO_PRESERVING = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Hardtanh, nn.Hardswish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-_ZERO_PRESERVING_FUNCS = {torch.relu, torch.tanh, nn.functional.relu, nn.functional.gelu, nn.functional.silu}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The noise layer
@@ -121,6 +108,7 @@ class LogNormalNoise(nn.Module):
         self.sample_mode = sample_mode
         self.log_sigma_bounds = (float(log_sigma_bounds[0]), float(log_sigma_bounds[1]))
         self.attached_to: str | None = None  # name of the module whose output this noise multiplies
+        self.site: LayerSite | None = None    # the layer site whose units it multiplies
         self.mu = nn.Parameter(torch.full((self.units,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((self.units,), float(init_log_sigma)))
         self.register_buffer("mask", torch.ones(self.units, dtype=torch.bool))
@@ -195,8 +183,8 @@ class LogNormalNoise(nn.Module):
             theta = self.expected_theta().view(view)
         return x * (theta * keep).to(x.dtype)
 
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook: multiply ``module``'s output by the noise."""
+    def multiply(self, key, output: torch.Tensor) -> torch.Tensor:
+        """The site hook's multiply (:class:`~prunelab.pruning.units.sites.SiteHook`): ``output`` times the noise."""
         return self(output)
 
 
@@ -210,7 +198,7 @@ def _resolve_placement(model: nn.Module, placement: str) -> str:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if placement != "auto":
         return placement
-    if any(isinstance(m, _BATCHNORMS) for m in model.modules()):
+    if any(isinstance(m, BN_TYPES) for m in model.modules()):
         return "batchnorm"
     if any(_is_transformer_target(n, m) for n, m in model.named_modules()):
         return "transformer"
@@ -221,50 +209,32 @@ def _is_transformer_target(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.endswith(TRANSFORMER_SUFFIXES)
 
 
-def _out_units(module: nn.Module) -> tuple[int, int]:
-    """``(units, dim)`` of a producer's output."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, -1
-    return module.out_channels, 1
+def noise_targets(model: nn.Module, mode: str) -> list[tuple[str, LayerSite]]:
+    """``(module the noise multiplies, its layer site)`` for a resolved placement, from the layer sites of
+    :func:`~prunelab.pruning.units.sites.layer_sites` (the classifier never gets noise):
 
-
-def _targets_batchnorm(model: nn.Module) -> list[tuple[str, int, int]]:
-    """After every BatchNorm (the reference code's choice for ResNets): ``(name, units, dim=1)``."""
-    return [(n, m.num_features, 1) for n, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
-
-
-def _targets_transformer(model: nn.Module) -> list[tuple[str, int, int]]:
-    """Per hidden dimension at the output of each transformer MLP (``*.mlp.fc2`` in timm, ``*.output.dense``
-    in HF ViT, where the reference code places it): ``(name, units, dim=-1)``."""
-    return [(n, m.out_features, -1) for n, m in model.named_modules() if _is_transformer_target(n, m)]
-
-
-def _targets_activation(model: nn.Module) -> list[tuple[str, int, int]]:
-    """After the first activation that follows each Linear/Conv in registration order (Linear -> ReLU -> noise),
-    except the last Linear/Conv of the model (the classifier). Activations used at several places in the
-    forward pass cannot carry a per-layer noise and raise."""
-    counts: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    modules = list(model.named_modules())
-    producers = [n for n, m in modules if isinstance(m, _PRODUCERS)]
-    last_producer = producers[-1] if producers else None
-    targets, current, used = [], None, set()
-    for name, m in modules:
-        if isinstance(m, _PRODUCERS):
-            current = (name, m)
-        elif isinstance(m, _ACTIVATIONS) and current is not None and current[0] not in used:
-            if current[0] == last_producer:
+    - ``batchnorm``: after the BatchNorm of every site that has one (the reference code's choice for ResNets);
+    - ``activation``: after the first activation that follows each layer (Linear -> ReLU -> noise); an
+      activation module used at several places of the forward pass cannot carry a per-layer noise and raises;
+    - ``transformer``: per hidden dimension at the output of each transformer MLP (``*.mlp.fc2`` in timm,
+      ``*.output.dense`` in HF ViT, where the reference code places it)."""
+    out = []
+    for site in layer_sites(model):
+        if mode == "batchnorm":
+            if site.norm is not None and isinstance(model.get_submodule(site.norm), BN_TYPES):
+                out.append((site.norm, site))
+        elif mode == "activation":
+            if site.activation is None:
                 continue
-            if counts[id(m)] > 1:
+            if site.activation_shared:
                 raise ValueError(
-                    f"activation {name!r} is shared by several layers; give each layer its own activation "
-                    "module or use placement='batchnorm'"
+                    f"activation {site.activation!r} is shared by several layers; give each layer its own "
+                    "activation module or use placement='batchnorm'"
                 )
-            units, dim = _out_units(current[1])
-            targets.append((name, units, dim))
-            used.add(current[0])
-    return targets
+            out.append((site.activation, site))
+        elif _is_transformer_target(site.layer, model.get_submodule(site.layer)):
+            out.append((site.layer, site))
+    return out
 
 
 def insert_noise(model: nn.Module, placement: str = "auto", **noise_kwargs) -> dict[str, LogNormalNoise]:
@@ -279,25 +249,25 @@ def insert_noise(model: nn.Module, placement: str = "auto", **noise_kwargs) -> d
     ``noise_kwargs`` go to :class:`LogNormalNoise` (``log_a``, ``log_b``, ``sample_mode``, ...).
     """
     mode = _resolve_placement(model, placement)
-    targets = {"batchnorm": _targets_batchnorm, "activation": _targets_activation}.get(
-        mode, _targets_transformer
-    )(model)
+    targets = noise_targets(model, mode)
     if not targets:
         raise ValueError(
             f"insert_noise(placement={placement!r}): no place for noise found in {type(model).__name__}"
         )
     ref = next(model.parameters(), None)
     noises: dict[str, LogNormalNoise] = {}
-    for name, units, dim in targets:
+    for name, site in targets:
         module = model.get_submodule(name)
+        units = model.get_submodule(site.norm).num_features if mode == "batchnorm" else site.units
+        dim = {"batchnorm": 1, "activation": site.dim}.get(mode, -1)
         if hasattr(module, NOISE_ATTR):
             raise ValueError(f"module {name!r} already carries a {NOISE_ATTR}; call remove_noise first")
         noise = LogNormalNoise(units, dim=dim, **noise_kwargs)
         if ref is not None:
             noise.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        noise.attached_to = name
+        noise.attached_to, noise.site = name, site
         module.add_module(NOISE_ATTR, noise)
-        module.register_forward_hook(noise.hook)
+        attach(module, noise)
         noises[f"{name}.{NOISE_ATTR}" if name else NOISE_ATTR] = noise
     logger.info(
         "inserted %d noise layers (%s placement, %d units)",
@@ -318,9 +288,7 @@ def remove_noise(model: nn.Module) -> None:
     for module in model.modules():
         noise = module._modules.get(NOISE_ATTR)
         if isinstance(noise, LogNormalNoise):
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__self__", None) is noise:
-                    del module._forward_hooks[key]
+            strip_site_hooks(module, noise)
             del module._modules[NOISE_ATTR]
 
 
@@ -485,161 +453,65 @@ def rank_units(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _UnitLinks:
-    """Parameter slices tied to unit ``i`` of one noise: ``(param name, axis, width)`` -- the slice is
-    ``[i*width:(i+1)*width]`` along ``axis``."""
-
-    slices: list[tuple[str, int, int]] = field(default_factory=list)
-
-
-def _single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+def example_input(model: nn.Module) -> torch.Tensor:
+    """A zero batch for tracing ``model``'s dependency groups when the caller gave none: only possible when
+    the first conv / linear layer is a Linear (its input size is the flattened input size)."""
+    first = next((m for m in model.modules() if isinstance(m, UNIT_TYPES)), None)
+    if isinstance(first, nn.Linear):
+        ref = next(model.parameters())
+        return torch.zeros(2, first.in_features, device=ref.device, dtype=ref.dtype)
+    raise ValueError(f"{type(model).__name__}: pass an example input (its shape cannot be inferred)")
 
 
-def _is_flatten(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        m = modules[node.target]
-        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    if node.op == "call_function" and node.target is torch.flatten:
-        return start == 1
-    return node.op == "call_method" and node.target == "flatten" and start == 1
+def _noise_free_groups(model: nn.Module, example: torch.Tensor | None):
+    """Dependency groups of ``model`` traced without its noise (a copy with the noise removed: parameter names
+    are unchanged, the noise parameters are not units of any layer)."""
+    import copy
 
-
-def _is_zero_preserving(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _ZERO_PRESERVING)
-    if node.op == "call_function":
-        return node.target in _ZERO_PRESERVING_FUNCS
-    return node.op == "call_method" and node.target in ("relu", "relu_", "tanh")
-
-
-def _producer_slices(name: str, m: nn.Module) -> list[tuple[str, int, int]]:
-    out = [(f"{name}.weight", 0, 1)]
-    if getattr(m, "bias", None) is not None:
-        out.append((f"{name}.bias", 0, 1))
-    return out
-
-
-def _affine_slices(name: str, m: nn.Module) -> list[tuple[str, int, int]]:
-    return [(f"{name}.{p}", 0, 1) for p in ("weight", "bias") if getattr(m, p, None) is not None]
-
-
-def _backward_links(node: fx.Node, modules: Mapping[str, nn.Module]) -> list[tuple[str, int, int]]:
-    """Walk from the noise target back to the Linear/Conv producing the unit (through BatchNorm and
-    channel-wise ops, each used only once) and collect the producer's output slice and BN affine slices."""
-    out: list[tuple[str, int, int]] = []
-    while node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, _PRODUCERS):
-            return out + _producer_slices(node.target, m)
-        if isinstance(m, _BATCHNORMS):
-            out += _affine_slices(node.target, m)
-        elif not isinstance(m, _ZERO_PRESERVING):
-            break
-        prev = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if prev is None or len(prev.users) != 1:
-            break
-        node = prev
-    return out
-
-
-def _forward_links(node: fx.Node, modules: Mapping[str, nn.Module], units: int) -> list[tuple[str, int, int]]:
-    """Walk from the noise target forward through zero-preserving ops and flatten to the consuming Linear/Conv
-    and return its input slice. Stops (nothing removable downstream) at a fork, a residual addition, a
-    concatenation, a grouped conv or any op not known to keep a zeroed channel at zero."""
-    flattened = False
-    while (nxt := _single_user(node)) is not None:
-        node = nxt
-        if node.op == "call_module" and isinstance(modules[node.target], _PRODUCERS):
-            m = modules[node.target]
-            if isinstance(m, nn.Linear):
-                width, rem = divmod(m.in_features, units)
-                if rem or (width != 1 and not flattened):
-                    return []
-                return [(f"{node.target}.weight", 1, width)]
-            if m.groups != 1 or flattened or m.in_channels != units:
-                return []
-            return [(f"{node.target}.weight", 1, 1)]
-        if _is_flatten(node, modules):
-            flattened = True
-        elif not _is_zero_preserving(node, modules):
-            return []
-    return []
-
-
-def _unit_links(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, _UnitLinks]:
-    """Parameter slices owned by each unit, from a ``torch.fx`` trace of ``model`` (best effort: if the model
-    cannot be traced symbolically only the noise parameters and the target's own affine parameters are used)."""
-    links = {name: _UnitLinks([(f"{name}.mu", 0, 1), (f"{name}.log_sigma", 0, 1)]) for name in noises}
-    modules = dict(model.named_modules())
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: fall back
-        logger.warning(
-            "unit_param_counts: %s is not fx-traceable (%s); counting noise/BN params only",
-            type(model).__name__,
-            str(e).splitlines()[0] if str(e) else type(e).__name__,
-        )
-        graph = None
-    nodes = {n.target: n for n in graph.nodes if n.op == "call_module"} if graph is not None else {}
-    for name, noise in noises.items():
-        target = noise.attached_to if noise.attached_to is not None else name.rpartition(".")[0]
-        node = nodes.get(target)
-        if node is None:
-            if isinstance(modules.get(target), _BATCHNORMS):
-                links[name].slices += _affine_slices(target, modules[target])
-            continue
-        links[name].slices += _backward_links(node, modules)
-        links[name].slices += _forward_links(node, modules, noise.units)
-    return links
-
-
-def unit_param_counts(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, torch.Tensor]:
-    """Parameters owned by each unit, ``{noise name: int64 tensor (units,)}``.
-
-    A unit owns its producer's output slice (Linear row / conv filter, bias), the affine parameters of the
-    BatchNorm on its path, its two noise parameters, and the consumer's input slice (Linear columns -- one per
-    flattened spatial position after ``flatten(1)`` -- or conv input-channel kernels). Found by tracing the
-    model with ``torch.fx``; the consumer is only counted when the unit's output reaches it unshared through
-    ops that keep a zeroed channel at zero (ReLU-like activations, pooling, dropout, flatten). Units feeding a
-    residual addition (ResNet ``bn2``/``bn3``/downsample) or a concatenation therefore own no consumer weights:
-    pruning one of them does not remove the channel from the residual stream. Counts of two units in adjacent
-    layers share the weight between them; :func:`param_masks` gives exact totals.
-    """
-    params = dict(model.named_parameters())
-    out = {}
-    for name, link in _unit_links(model, noises).items():
-        per_unit = 0
-        for pname, axis, width in link.slices:
-            p = params[pname]
-            per_unit += p.numel() // p.shape[axis] * width
-        out[name] = torch.full((noises[name].units,), per_unit, dtype=torch.int64)
-    return out
+    clean = copy.deepcopy(model)
+    remove_noise(clean)
+    return build_groups(clean, example if example is not None else example_input(clean))
 
 
 def param_masks(
     model: nn.Module,
     noises: Mapping[str, LogNormalNoise],
     unit_masks: Mapping[str, torch.Tensor] | None = None,
+    example: torch.Tensor | None = None,
+    groups=None,
 ) -> dict[str, torch.Tensor]:
     """Parameter-level masks (prunelab convention: ``{param name: bool tensor}``, True = kept) equivalent to
-    the unit masks (default: each noise's ``mask`` buffer), for every parameter owned by some unit (see
-    :func:`unit_param_counts`)."""
-    params = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
-    for name, link in _unit_links(model, noises).items():
-        keep = (unit_masks[name] if unit_masks is not None else noises[name].mask).bool()
-        for pname, axis, width in link.slices:
-            p = params[pname]
-            m = masks.setdefault(pname, torch.ones_like(p, dtype=torch.bool))
-            k = keep.to(p.device).repeat_interleave(width)
-            shape = [1] * p.ndim
-            shape[axis] = k.numel()
-            masks[pname] = m & k.view(shape)
+    the unit masks (default: each noise's ``mask`` buffer): for every pruned unit, its two noise parameters and
+    what it owns in the network (:func:`~prunelab.pruning.units.sites.site_param_masks`: its layer's row and
+    bias, the BatchNorm's affine entries, and -- unless the unit is coupled to others by a residual addition --
+    the next layers' input columns, one per flattened position after a flatten)."""
+    groups = groups if groups is not None else _noise_free_groups(model, example)
+    keep = {n: (unit_masks[n] if unit_masks is not None else noises[n].mask).bool() for n in noises}
+    masks = site_param_masks(model, [noises[n].site for n in noises], {noises[n].site.layer: keep[n] for n in noises},
+                             example, groups)
+    for name in noises:
+        for pname in ("mu", "log_sigma"):
+            masks[f"{name}.{pname}"] = keep[name].clone()
     return masks
+
+
+def unit_param_counts(
+    model: nn.Module, noises: Mapping[str, LogNormalNoise], example: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Parameters owned by each unit, ``{noise name: int64 tensor (units,)}`` (see :func:`param_masks`).
+
+    Units feeding a residual addition (ResNet ``bn2``/``bn3``/downsample) own no consumer weights: pruning
+    one of them does not remove the channel from the residual stream. Counts of two units in adjacent layers
+    share the weight between them; :func:`param_masks` gives exact totals."""
+    groups = _noise_free_groups(model, example)
+    out = {}
+    for name, noise in noises.items():
+        one = torch.ones(noise.units, dtype=torch.bool)
+        one[0] = False  # the units of one layer own equal shares: count unit 0's
+        masks = param_masks(model, {name: noise}, {name: one}, example, groups)
+        per_unit = sum(int((~m).sum()) for m in masks.values())
+        out[name] = torch.full((noise.units,), per_unit, dtype=torch.int64)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -666,6 +538,7 @@ class BMRSPruner:
         snr_threshold: float = 1.0,
         theta_threshold: float = 0.1,
         model: nn.Module | None = None,
+        example: torch.Tensor | None = None,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -673,6 +546,7 @@ class BMRSPruner:
             raise ValueError("BMRSPruner: no noise modules")
         self.noises = dict(noises)
         self.rule, self.code_compat, self.model = rule, bool(code_compat), model
+        self.example, self._groups = example, None
         self.score_kwargs = dict(
             p=p,
             code_compat=code_compat,
@@ -733,7 +607,9 @@ class BMRSPruner:
         }
         model = model if model is not None else self.model
         if model is not None:
-            masks = param_masks(model, self.noises)
+            if self._groups is None:  # the network's structure does not change while training: trace once
+                self._groups = _noise_free_groups(model, self.example)
+            masks = param_masks(model, self.noises, example=self.example, groups=self._groups)
             n_params = sum(p.numel() for p in model.parameters())
             removed = sum(int((~m).sum()) for m in masks.values())
             out.update(params_total=n_params, params_removed=removed, frac_params_removed=removed / n_params)

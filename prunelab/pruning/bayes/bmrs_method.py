@@ -14,9 +14,9 @@ Protocol (the paper's continuous pruning, Alg. 1, and the authors' ``train.py``)
 3. ``finish``: masks frozen; the evaluation-mode noise ``E[theta] * mask`` is folded into the weights
    (:func:`fold_noise`: BatchNorm affine parameters, or the producing Linear/Conv's rows and bias when the
    noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0``), the noise is removed and the
-   pruned units are removed physically (:func:`compact_units`, Torch-Pruning groups). A unit coupled to
-   others by a residual addition is removed only when every coupled unit is pruned; otherwise it stays,
-   zeroed and held at zero by a :class:`ChannelMask` (no parameters) so that fine-tuning keeps the mask.
+   pruned units are removed physically (:func:`compact_folded`, the units' ``compact_units``). A unit
+   coupled to others by a residual addition is removed only when every coupled unit is pruned; otherwise it
+   stays, exactly zero, in the :class:`~prunelab.pruning.masks.MaskSet` that ``finish`` hands to fine-tuning.
 4. The schedule then fine-tunes the plain network (``finetune.keep_best=true``: best validation epoch).
 
 Deviation from the authors' code: their fine-tuning keeps the noise layers (still sampled, KL still in the
@@ -31,101 +31,45 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from prunelab.pipeline.hooks import TrainHook, masks_checksum
 from prunelab.pruning.bayes import bmrs as B
-from prunelab.pruning.method import TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.method import Finished, TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.units.compact import compact_units
+from prunelab.pruning.units.layers import BN_TYPES, HOMOGENEOUS_TYPES
+from prunelab.training.hooks import TrainHook, masks_checksum
 
 log = logging.getLogger(__name__)
 
 KL_SCALINGS = ("layer_mean", "elbo")
-MASK_ATTR = "bmrs_mask"
-# activations with relu(c z) = c relu(z) for c >= 0: the noise after them can be folded into the producer
-_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A parameter-free channel mask kept in the plain network (residual-coupled units that could not be removed)
+# Folding E[theta] * mask into the weights, physical removal
 # ----------------------------------------------------------------------------------------------------------
-
-
-class ChannelMask(nn.Module):
-    """Multiplies its host module's output by a fixed bool mask along ``dim`` (forward hook, like the noise):
-    keeps pruned-but-not-removable channels at exactly zero, also while fine-tuning (their gradients are 0)."""
-
-    def __init__(self, mask: torch.Tensor, dim: int):
-        super().__init__()
-        self.dim = int(dim)
-        self.register_buffer("mask", mask.clone().bool())
-
-    def extra_repr(self) -> str:
-        return f"units={self.mask.numel()}, kept={int(self.mask.sum())}, dim={self.dim}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.dim % x.ndim] = self.mask.numel()
-        return x * self.mask.view(shape).to(x.dtype)
-
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self(output)
-
-
-def add_channel_mask(module: nn.Module, mask: torch.Tensor, dim: int) -> ChannelMask:
-    cm = ChannelMask(mask.to(next(module.parameters()).device), dim)
-    module.add_module(MASK_ATTR, cm)
-    module.register_forward_hook(cm.hook)
-    return cm
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Folding E[theta] * mask into the weights
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _unit_dim(module: nn.Module) -> int:
-    return -1 if isinstance(module, nn.Linear) else 1
 
 
 def noise_sites(model: nn.Module, noises: dict[str, B.LogNormalNoise]) -> dict[str, dict[str, str]]:
     """For every noise: ``{"fold": module whose output channels absorb E[theta]*mask (BatchNorm or Linear/
-    Conv), "producer": the Linear/Conv whose output channels are the units}``, from an fx trace of ``model``
-    (noise hooks are invisible to the trace). Raises ``NotImplementedError`` where folding would not be exact
-    (a non-homogeneous activation, a producer read by several layers)."""
-    modules = dict(model.named_modules())
-    nodes = {n.target: n for n in fx.symbolic_trace(model).graph.nodes if n.op == "call_module"}
+    Conv), "producer": the Linear/Conv whose output channels are the units}``, from the noise's layer site
+    (:class:`~prunelab.pruning.units.sites.LayerSite`). Raises ``NotImplementedError`` where folding would
+    not be exact (a non-homogeneous activation, a BatchNorm without affine parameters)."""
     out = {}
     for name, noise in noises.items():
-        target = noise.attached_to
-        node = nodes.get(target)
-        if node is None:
-            raise NotImplementedError(f"BMRS: cannot locate the noise target {target!r} in the traced graph")
-        m = modules[target]
-        fold = producer = None
-        if isinstance(m, B._BATCHNORMS):
-            fold = target
-        elif isinstance(m, _HOMOGENEOUS):
-            prev = node.args[0] if node.args else None
-            if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
-                raise NotImplementedError(f"BMRS: cannot fold the noise after {target!r} (input not a module)")
-            pm = modules[prev.target]
-            if not isinstance(pm, (*B._BATCHNORMS, *B._PRODUCERS)):
-                raise NotImplementedError(f"BMRS: cannot fold the noise after {target!r} into {type(pm).__name__}")
-            fold, node = prev.target, prev
-        else:
+        site, target = noise.site, noise.attached_to
+        if site is None:
+            raise NotImplementedError(f"BMRS: noise {name!r} has no layer site (not inserted by insert_noise)")
+        m = model.get_submodule(target)
+        if target == site.activation and not isinstance(m, HOMOGENEOUS_TYPES):
             raise NotImplementedError(
                 f"BMRS: the noise after {type(m).__name__} {target!r} cannot be folded exactly into the weights"
             )
-        if isinstance(modules[fold], B._PRODUCERS):
-            producer = fold
-        else:
-            if getattr(modules[fold], "weight", None) is None or getattr(modules[fold], "bias", None) is None:
-                raise NotImplementedError(f"BMRS: BatchNorm {fold!r} without affine parameters")
-            node = nodes[fold]
-            prev = node.args[0] if node.args else None
-            if isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(modules[prev.target], B._PRODUCERS):
-                producer = prev.target
-        out[name] = {"fold": fold, "producer": producer}
+        fold = site.norm if target != site.layer and site.norm is not None else site.layer
+        fm = model.get_submodule(fold)
+        if isinstance(fm, BN_TYPES) and (getattr(fm, "weight", None) is None or getattr(fm, "bias", None) is None):
+            raise NotImplementedError(f"BMRS: BatchNorm {fold!r} without affine parameters")
+        out[name] = {"fold": fold, "producer": site.layer}
     return out
 
 
@@ -146,52 +90,15 @@ def fold_noise(model: nn.Module, noises: dict[str, B.LogNormalNoise], sites: dic
             p.copy_((p.double() * c.to(p.device).view(shape)).to(p.dtype))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Physical removal
-# ----------------------------------------------------------------------------------------------------------
-
-
-def compact_units(
-    model: nn.Module,
-    unit_masks: dict[str, torch.Tensor],
-    sites: dict[str, dict[str, str]],
-    example: torch.Tensor,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Remove the pruned units of the (folded, noise-free) ``model`` physically.
-
-    ``unit_masks``: ``{noise name: bool (units,)}`` (True = kept). Each dependency group of
-    :func:`~prunelab.pruning.structured.groups.build_groups` loses a unit only if every Linear/Conv producing
-    it is covered by a noise and every such noise prunes it (residual coupling); a group never loses all its
-    units (one zeroed unit is left). Units pruned but not removed get a :class:`ChannelMask` on their fold
-    module. Returns ``(compact model, info)``."""
-    from prunelab.pruning.structured.compact import compact
-    from prunelab.pruning.structured.groups import build_groups, pruned_member_indices, removable_group_masks
-
-    groups = build_groups(model, example)
-    # the noise follows the producing Linear/Conv (or its BatchNorm, folded there): those producers count
-    layer_keep = {s["producer"]: unit_masks[n] for n, s in sites.items() if s["producer"] is not None}
-    group_masks = removable_group_masks(
-        groups, layer_keep, counts=lambda mem: isinstance(model.get_submodule(mem.name), B._PRODUCERS))
-    small = compact(model, group_masks, example, groups) if group_masks else model
-    # channels of each fold module removed by the compaction
-    removed: dict[str, set[int]] = {}
-    for g in groups:
-        if g.id not in group_masks:
-            continue
-        for mem in g.producers():
-            removed.setdefault(mem.name, set()).update(pruned_member_indices(mem, group_masks[g.id]).tolist())
-    masked_left = 0
-    for name, site in sites.items():
-        keep = unit_masks[name].cpu()
-        gone = removed.get(site["fold"], set())
-        rest = torch.tensor([i for i in range(keep.numel()) if i not in gone], dtype=torch.long)
-        left = keep[rest]
-        if not left.all():
-            module = small.get_submodule(site["fold"])
-            add_channel_mask(module, left, _unit_dim(module))
-            masked_left += int((~left).sum())
-    units_removed = sum(int((~m).sum()) for m in group_masks.values())
-    return small, {"units_removed_physically": units_removed, "units_masked_not_removed": masked_left}
+def compact_folded(
+    model: nn.Module, unit_masks: dict[str, torch.Tensor], noises: dict[str, B.LogNormalNoise], example: torch.Tensor
+) -> tuple[nn.Module, MaskSet | None, dict[str, Any]]:
+    """Remove the pruned units of the (folded, noise-free) ``model`` physically with
+    :func:`~prunelab.pruning.units.compact.compact_units`: a unit coupled to others by a residual addition is
+    removed only when every coupled layer prunes it; the others stay, exactly zero, in the returned
+    :class:`MaskSet` that fine-tuning enforces. ``unit_masks``: ``{noise name: bool (units,)}``."""
+    keep = {noises[n].site.layer: m.bool() for n, m in unit_masks.items()}
+    return compact_units(model, keep, [noises[n].site for n in unit_masks], example)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,6 +172,7 @@ class BMRSMethod(TrainingMethod):
     structured = True
     needs_data = True
     supports_one_shot = False
+    prune_target, target_option = "none", None  # threshold-free: Delta F >= 0 decides
 
     def __init__(self, rule: str = "bmrs_n", p: float = 8, code_compat: bool = False,
                  kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
@@ -302,11 +210,15 @@ class BMRSMethod(TrainingMethod):
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, BMRSHook]:
         noises = B.insert_noise(model, self.placement, log_a=self.log_a, log_b=self.log_b, init_mu=self.mu_init,
                                 init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
-        pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, code_compat=self.code_compat, model=model)
+        shape = getattr(ctx, "input_shape", None)
+        ref = next(model.parameters())
+        example = torch.zeros(2, *shape, device=ref.device) if shape is not None else None
+        pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, code_compat=self.code_compat, model=model,
+                              example=example)
         n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None
         return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
 
-    def finish(self, ctx, model: nn.Module, hook: BMRSHook) -> tuple[nn.Module, dict[str, Any]]:
+    def finish(self, ctx, model: nn.Module, hook: BMRSHook) -> Finished:
         pruner = hook.pruner
         masks = pruner.freeze()
         stats = pruner.stats(model)
@@ -321,7 +233,7 @@ class BMRSMethod(TrainingMethod):
         fold_noise(model, noises, sites)
         with torch.no_grad():
             fold_diff = float((model(example) - masked_out).abs().max())
-        small, cinfo = compact_units(model, masks, sites, example)
+        small, left, cinfo = compact_folded(model, masks, noises, example)
         small.eval()
         with torch.no_grad():
             compact_diff = float((small(example) - masked_out).abs().max())
@@ -340,7 +252,8 @@ class BMRSMethod(TrainingMethod):
             "frac_params_removed": stats["frac_params_removed"],
             "layers": {n: dict(v, fold=sites[n]["fold"]) for n, v in layers.items()},
             "history": hook.history, "fold_max_abs_diff": fold_diff, "compact_max_abs_diff": compact_diff,
-            **cinfo,
+            "units_removed_physically": cinfo["units_removed_physically"],
+            "units_masked_not_removed": cinfo["units_masked_not_removed"],
             "metrics": {"bmrs/units_total": stats["units_total"], "bmrs/units_removed": stats["units_pruned"],
                         "bmrs/frac_units_removed": stats["frac_units_removed"],
                         "bmrs/frac_params_removed": stats["frac_params_removed"],
@@ -354,4 +267,4 @@ class BMRSMethod(TrainingMethod):
         log.info("BMRS %s (%s): %d / %d units removed (%.1f%%), %.1f%% of the parameters", self.rule,
                  self.delta_f_n_variant, stats["units_pruned"], stats["units_total"],
                  100 * stats["frac_units_removed"], 100 * stats["frac_params_removed"])
-        return small, record
+        return Finished(small, left, record)

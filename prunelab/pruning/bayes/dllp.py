@@ -74,7 +74,6 @@ mutual information, per-particle accuracy) and the agreement of the deployed pru
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -88,6 +87,8 @@ from torch import Tensor, nn
 
 from prunelab.metrics.reliability import agreement, ensemble_metrics
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
+from prunelab.pruning.units.layers import BN_TYPES
+from prunelab.pruning.units.sites import LayerSite, attach, layer_sites
 
 __all__ = [
     "DLLP",
@@ -112,8 +113,6 @@ PRIOR_CLIP = (0.05, 0.95)
 GRANULARITIES = ("unit", "weight")
 IMPORTANCES = ("l2", "bn")
 GATE_MODES = ("soft", "ste", "hard")
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,6 +130,7 @@ class GateSite:
     units: int
     bn_name: str | None = None
     bn: nn.Module | None = field(default=None, repr=False)
+    site: LayerSite | None = field(default=None, repr=False)  # the layer site of :mod:`prunelab.pruning.units`
 
     @property
     def hook_name(self) -> str:
@@ -138,44 +138,29 @@ class GateSite:
         return self.bn_name if (self.bn_name is not None and self.granularity == "unit") else self.name
 
 
-def _out_units(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def find_gate_sites(
     model: nn.Module, granularity: str = "unit", exclude: Iterable[str] = (), skip_output: bool = True
 ) -> list[GateSite]:
-    """The layers DLLP gates, in registration order.
-
-    Every ``Linear``/``Conv{1,2,3}d`` except the last one (the classifier output, ``skip_output``) and those
-    whose module name matches an fnmatch pattern in ``exclude``. A layer followed, as the next leaf module in
-    registration order, by a BatchNorm over its output channels is paired with it. ``granularity="weight"``
-    gates every weight of ``Linear`` layers (convolutions are not supported at that granularity).
+    """The layers DLLP gates, in registration order: the layer sites of
+    :func:`~prunelab.pruning.units.sites.layer_sites` (every ``Linear``/``Conv{1,2,3}d`` except the classifier
+    output, ``skip_output``, and those whose module name matches an fnmatch pattern in ``exclude``). A layer
+    whose site has a BatchNorm over its output channels is paired with it. ``granularity="weight"`` gates
+    every weight of ``Linear`` layers (convolutions are not supported at that granularity).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
-    layers = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _LAYER_TYPES)]
-    if skip_output and layers:
-        layers = layers[:-1]
-    patterns = list(exclude)
     sites: list[GateSite] = []
-    for i in layers:
-        name, layer = leaves[i]
-        if any(fnmatch.fnmatch(name, p) for p in patterns):
-            continue
+    for ls in layer_sites(model, exclude, skip_classifier=skip_output):
+        layer = model.get_submodule(ls.layer)
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         if granularity == "weight" and kind != "linear":
             raise ValueError(
-                f"granularity='weight' supports Linear layers only; {name!r} is {type(layer).__name__}"
+                f"granularity='weight' supports Linear layers only; {ls.layer!r} is {type(layer).__name__}"
             )
-        bn_name, bn = None, None
-        if i + 1 < len(leaves):
-            nxt_name, nxt = leaves[i + 1]
-            if isinstance(nxt, _BN_TYPES) and nxt.num_features == _out_units(layer):
-                bn_name, bn = nxt_name, nxt
-        units = _out_units(layer) if granularity == "unit" else layer.weight.numel()
-        sites.append(GateSite(name, layer, kind, granularity, units, bn_name, bn))
+        bn_name = ls.norm if ls.norm is not None and isinstance(model.get_submodule(ls.norm), BN_TYPES) else None
+        bn = model.get_submodule(bn_name) if bn_name is not None else None
+        units = ls.units if granularity == "unit" else layer.weight.numel()
+        sites.append(GateSite(ls.layer, layer, kind, granularity, units, bn_name, bn, ls))
     if not sites:
         raise ValueError("DLLP found no layer to gate (every Linear/Conv excluded or only the output layer)")
     return sites
@@ -367,7 +352,7 @@ class _Hook:
         self.owner = owner
         self.module = module
         self.site = site
-        self.is_bn = isinstance(module, _BN_TYPES)
+        self.is_bn = isinstance(module, BN_TYPES)
 
     def _particle_bn_active(self, ctx: _Context | None) -> bool:
         return (
@@ -388,17 +373,7 @@ class _Hook:
             out = self._particle_batch_norm(ctx, args[0])
         if self.site is None:
             return out
-        g = ctx.gates[self.site.name]
-        if self.site.granularity == "weight":
-            return self._weight_gated_linear(ctx.n, args[0], g, out)
-        return self._unit_gated(ctx.n, out, g)
-
-    def _unit_gated(self, n: int, out: Tensor, g: Tensor) -> Tensor:
-        o = out.unflatten(0, (n, -1))
-        shape = [n] + [1] * (o.dim() - 1)
-        cdim = o.dim() - 1 if self.site.kind == "linear" and not self.is_bn else 2
-        shape[cdim] = g.shape[1]
-        return (o * g.to(o.dtype).view(shape)).flatten(0, 1)
+        return self._weight_gated_linear(ctx.n, args[0], ctx.gates[self.site.name], out)
 
     def _weight_gated_linear(self, n: int, x: Tensor, g: Tensor, out: Tensor) -> Tensor:
         layer = self.site.layer
@@ -458,6 +433,7 @@ class DLLPModel(nn.Module):
             raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
         self.model = model
         self.sites = list(sites)
+        self._by_name = {s.name: s for s in self.sites}
         self.particles = gates
         for i, s in enumerate(self.sites):
             self.register_buffer(f"prior_pi_{i}", prior[s.name].detach().float().clone())
@@ -470,14 +446,31 @@ class DLLPModel(nn.Module):
 
     # hooks --------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
+        """Per-particle BatchNorm (and per-weight gates) by :class:`_Hook`; unit gates as a multiplier on the
+        site (:class:`~prunelab.pruning.units.sites.SiteHook`), after the BatchNorm's hook."""
         by_hook = {s.hook_name: s for s in self.sites}
         for name, module in self.model.named_modules():
             site = by_hook.get(name)
-            if site is None and not isinstance(module, _BN_TYPES):
-                continue
-            hook = _Hook(self, module, site)
-            self._handles.append(module.register_forward_pre_hook(hook.pre))
-            self._handles.append(module.register_forward_hook(hook.post))
+            weight_site = site if site is not None and site.granularity == "weight" else None
+            if isinstance(module, BN_TYPES) or weight_site is not None:
+                hook = _Hook(self, module, weight_site)
+                self._handles.append(module.register_forward_pre_hook(hook.pre))
+                self._handles.append(module.register_forward_hook(hook.post))
+            if site is not None and site.granularity == "unit":
+                self._handles.append(attach(module, self, site.name))
+
+    def multiply(self, key: str, out: Tensor) -> Tensor:
+        """The site hook's multiply: each particle's slice ``(n, B, U, ...)`` of ``out`` times its gates of
+        site ``key`` (no gates outside :meth:`forward_gates`: the plain network)."""
+        ctx = self._ctx
+        if ctx is None:
+            return out
+        site, g, n = self._by_name[key], ctx.gates[key], ctx.n
+        o = out.unflatten(0, (n, -1))
+        shape = [n] + [1] * (o.dim() - 1)
+        cdim = o.dim() - 1 if site.kind == "linear" and site.bn is None else 2
+        shape[cdim] = g.shape[1]
+        return (o * g.to(o.dtype).view(shape)).flatten(0, 1)
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

@@ -32,18 +32,17 @@ Pruning stage (``schedule.epochs`` epochs from the pretrained dense network, ``s
   ``rho >= 0.5``; ``target``: the top units by ``rho`` meeting the sparsity), the reliability report on
   held-out data (``reliability_split``, at most ``reliability_batches`` batches), and ONE pruned network: gates
   removed, pruned units zeroed, then physically removed with the structured compaction
-  (:func:`~prunelab.pruning.structured.compact.compact`, groups of
-  :func:`~prunelab.pruning.structured.groups.build_groups`). A unit of a dependency group is removed only when
-  every producer of that channel (e.g. all the residual-coupled convs/BNs writing one residual stream) is a
-  DLLP site that pruned it; the other pruned units stay in the network as exact zeros, held at zero during
-  fine-tuning by a ``torch.nn.utils.prune`` mask (so the fine-tuned network is the decided one). The
-  compacted network is checked against the masked one on a random batch (eval mode). Per-weight gates
-  (``granularity: weight``) cannot be compacted: the masked dense network is returned, masks kept.
+  (:func:`~prunelab.pruning.units.compact.compact_units`, Torch-Pruning's dependency groups). A unit of a
+  dependency group is removed only when every producer of that channel (e.g. all the residual-coupled convs
+  writing one residual stream) is a DLLP site that pruned it; the other pruned units stay in the network as
+  exact zeros, in the :class:`~prunelab.pruning.masks.MaskSet` that ``finish`` hands to fine-tuning (so the
+  fine-tuned network is the decided one). The compacted network is checked against the masked one on a
+  random batch (eval mode). Per-weight gates (``granularity: weight``) cannot be compacted: the masked dense
+  network is returned with its weight masks.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -51,12 +50,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune as torch_prune
 
-from prunelab.pipeline.hooks import TrainHook
 from prunelab.pruning.bayes.dllp import DLLP, PRIOR_CLIP, DLLPModel, attach_gates
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
-from prunelab.pruning.method import TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.effective import effective_sparsity_report
+from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.method import Finished, TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.units.compact import compact_units
+from prunelab.training.hooks import TrainHook
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class DLLPMethod(TrainingMethod):
 
     name = "dllp"
     needs_data = True
+    prune_target, target_option = "units", "method.sparsity"
 
     def __init__(
         self,
@@ -305,7 +307,7 @@ class DLLPMethod(TrainingMethod):
                 break
             yield dm.process_batch(x, y, train=False) if hasattr(dm, "process_batch") else (x, y)
 
-    def finish(self, ctx, model: nn.Module, hook: DLLPHook) -> tuple[nn.Module, dict[str, Any]]:
+    def finish(self, ctx, model: nn.Module, hook: DLLPHook) -> Finished:
         dllp = hook.dllp
         keep = self.unit_masks(dllp)
         pmasks = dllp.masks(keep=keep)
@@ -313,10 +315,10 @@ class DLLPMethod(TrainingMethod):
         example = torch.randn(4, *ctx.input_shape, generator=torch.Generator().manual_seed(self.seed))
         example = example.to(next(dense.parameters()).device)
         if self.granularity == "unit":
-            small, compact_info = compact_pruned(dense, pmasks, keep, dllp.model, example)
+            units = [s.site for s in dllp.model.sites]
+            small, left, compact_info = compact_units(dense, {s.layer: keep[s.layer] for s in units}, units, example)
         else:
-            small = copy.deepcopy(dense)
-            apply_masks(small, {n: m for n, m in pmasks.items()})
+            small, left = dense, MaskSet({n: m for n, m in pmasks.items() if not bool(m.all())})
             compact_info = {"groups_compacted": 0, "units_removed_physically": 0}
         small.eval()
         with torch.no_grad():
@@ -329,13 +331,13 @@ class DLLPMethod(TrainingMethod):
         small.train()
         info = self._record(dllp, keep, pmasks, rel, compact_info, diff, hook)
         if self.granularity == "weight":
-            from prunelab.pruning.masks import MaskSet
-
-            sp = ctx.sparsity_metrics(dense, MaskSet(pmasks), "prune")["metrics"]
-            for k in ("sparsity/direct", "compression/direct", "sparsity/effective", "compression/effective"):
-                info["final"][k.replace("/", "_")] = sp[f"prune/{k}"]
-            info["final"]["layer_collapse"] = bool(sp["prune/layer_collapse"])
-        return small, info
+            masks = MaskSet(pmasks)
+            eff = effective_sparsity_report(dense, masks, tuple(ctx.input_shape))
+            info["final"].update({"sparsity_direct": masks.sparsity(), "compression_direct": masks.compression(),
+                                  "sparsity_effective": eff["sparsity_effective"],
+                                  "compression_effective": eff["compression_effective"],
+                                  "layer_collapse": bool(eff["layer_collapse"])})
+        return Finished(small, left, info)
 
     def _record(self, dllp: DLLP, keep, pmasks, rel, compact_info, diff, hook) -> dict[str, Any]:
         rho = {n: torch.tensor(v, dtype=torch.float64) for n, v in rel.pop("rho").items()}
@@ -387,50 +389,3 @@ class DLLPMethod(TrainingMethod):
             "weights_masked": masked, "compaction": compact_info, "history": hook.history,
             "reliability": reliability, "final": final, "metrics": metrics,
         }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# compaction of the masked network
-# ---------------------------------------------------------------------------------------------------------
-def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> int:
-    """Hold masked entries at zero (``torch.nn.utils.prune.custom_from_mask``) for the parameters whose mask
-    has a False entry; returns how many parameters got a mask."""
-    n = 0
-    for name, m in masks.items():
-        if bool(m.all()):
-            continue
-        mod_name, _, pname = name.rpartition(".")
-        module = model.get_submodule(mod_name) if mod_name else model
-        p = getattr(module, pname)
-        torch_prune.custom_from_mask(module, pname, m.to(device=p.device, dtype=torch.bool))
-        n += 1
-    return n
-
-
-def compact_pruned(dense: nn.Module, pmasks: Mapping[str, Tensor], keep: Mapping[str, Tensor],
-                   dmodel: DLLPModel, example: Tensor) -> tuple[nn.Module, dict[str, Any]]:
-    """Physically remove the removable pruned units of ``dense`` (the masked plain network); the remaining
-    pruned entries are held at zero by masks. Returns (compact network, info)."""
-    from prunelab.pruning.structured.compact import compact
-    from prunelab.pruning.structured.groups import build_groups, removable_group_masks
-
-    groups = build_groups(dense, example)
-    # a unit is removable iff every producer of its channel (the gated layer, its BatchNorm) prunes it
-    units = [s for s in dmodel.sites if s.granularity == "unit"]
-    layer_keep = {s.name: keep[s.name] for s in units}
-    layer_keep.update({s.bn_name: keep[s.name] for s in units if s.bn_name is not None})
-    gmasks = removable_group_masks(groups, layer_keep)
-    small = compact(dense, gmasks, example, groups)
-    # the parameter masks of the compact network: compact a copy whose parameters ARE the masks (the channel
-    # removal only selects indices, so it maps every mask entry to its parameter entry)
-    mask_net = copy.deepcopy(dense)
-    with torch.no_grad():
-        for name, p in mask_net.named_parameters():
-            p.copy_(pmasks[name].to(p.dtype) if name in pmasks else torch.ones_like(p))
-    small_masks = compact(mask_net, gmasks, example, groups)
-    residual = {n: p.detach() > 0.5 for n, p in small_masks.named_parameters()}
-    n_masked = apply_masks(small, residual)
-    removed = int(sum(int((~m).sum()) for m in gmasks.values()))
-    pruned_units = int(sum(int((~k).sum()) for k in keep.values()))
-    return small, {"groups": len(groups), "groups_compacted": len(gmasks), "units_removed_physically": removed,
-                   "units_pruned": pruned_units, "params_zero_masked": n_masked}

@@ -1,10 +1,8 @@
-"""Structured pruning: channel groups (Torch-Pruning DepGraph), gates, Taylor/oracle criteria, the
-iterative structured pruner, and physical removal of pruned channels (compaction)."""
+"""The Taylor family's own mathematics (Molchanov et al., CVPR 2019): unit importance criteria and the oracle
+(:mod:`.criteria`), the iterative structured pruner (:mod:`.pruner`), the pipeline method (:mod:`.method`)
+and network slimming (:mod:`.slimming`). Groups, gates, sites and compaction are the units' ground floor,
+:mod:`prunelab.pruning.units`."""
 
-from prunelab.pruning.structured.compact import CostModel, compact, export_onnx, load_compact, save_compact
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import ChannelGroup, build_groups, param_masks
 from prunelab.pruning.structured.pruner import PruneSchedule, StructuredPruner, per_group_masks
 
-__all__ = ["ChannelGroup", "CostModel", "Gates", "PruneSchedule", "StructuredPruner", "build_groups", "compact",
-           "export_onnx", "load_compact", "param_masks", "per_group_masks", "save_compact"]
+__all__ = ["PruneSchedule", "StructuredPruner", "per_group_masks"]

@@ -6,7 +6,7 @@ Notation: ``E`` the loss on the batches, unit ``m`` with gate ``z_m = 1`` (see :
 
     I_m = (E(D, W) - E(D, W | z_m = 0))^2
 
-Criteria ("method" names used in the configs):
+Criteria (classes with one interface, :class:`Criterion`, registered by their config name in :data:`CRITERIA`):
 
 - ``taylor_fo``: first-order Taylor expansion in the gate, ``I^(1)_m = (z_m g_m)^2`` (Eqs. 3 and 7). Through
   the chain rule ``z dE/dz = sum_s w_s dE/dw_s`` over every parameter ``s`` that only scales the unit's
@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import BN_TYPES, UNIT_TYPES, ChannelGroup, GroupMember, unit_index
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import BN_TYPES, UNIT_TYPES, ChannelGroup, GroupMember, unit_index
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,7 @@ Scores = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-GRADIENT_CRITERIA = ("taylor_fo", "taylor_fo_weight", "taylor_so")
-STATIC_CRITERIA = ("l2_norm", "bn_scale", "random")
-CRITERIA = GRADIENT_CRITERIA + STATIC_CRITERIA + ("oracle",)
 NORMALIZATIONS = ("none", "l2", "mean")
-
-
-def check_criterion(name: str) -> str:
-    if name not in CRITERIA:
-        raise ValueError(f"unknown structured criterion {name!r}; allowed values: {', '.join(CRITERIA)}")
-    return name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,44 +357,127 @@ class ScoreAccumulator:
         self._sum, self.count, self.ema = dict(state["sum"]), int(state["count"]), state["ema"]
 
 
-def batch_scores(
-    criterion: str,
-    model: nn.Module,
-    gates: Gates,
-    groups: Sequence[ChannelGroup],
-    batch: Batch,
-    loss_fn: LossFn,
-    hessian: str = "exact",
-    samples: int = 1,
-) -> Scores:
-    """Scores of one minibatch for a gradient criterion or the oracle (does its own forward/backward)."""
-    if criterion == "oracle":
-        return oracle(model, gates, [batch], loss_fn)
-    x, y = batch
-    gates.zero_grad()
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    if criterion == "taylor_so":
-        return taylor_so(loss, gates, mode=hessian, samples=samples)
-    loss.backward()
-    if criterion == "taylor_fo":
+# ---------------------------------------------------------------------------------------------------------
+# criteria as classes (one interface, as Torch-Pruning's ``Importance``)
+# ---------------------------------------------------------------------------------------------------------
+class Criterion:
+    """A unit importance criterion: scores per unit of every group (higher = more important = kept).
+
+    ``kind`` says when it reads: ``gradient`` -- from the gradients of the training loop's backward pass
+    (:meth:`from_gradients`); ``passes`` -- from its own forward/backward passes on a batch (:meth:`batch`);
+    ``static`` -- from the weights alone (:meth:`static`). :meth:`batch` works for every data criterion (a
+    gradient criterion does one forward/backward and reads its gradients). Adding a criterion: one subclass
+    registered in :data:`CRITERIA` plus one YAML in ``conf/method/``."""
+
+    name = "base"
+    kind = "gradient"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.kind != "static"
+
+    def from_gradients(self, model: nn.Module, gates: Gates, groups: Sequence[ChannelGroup]) -> Scores:
+        raise RuntimeError(f"criterion {self.name} needs its own passes: use accumulate_batch(x, y)")
+
+    def batch(self, model: nn.Module, gates: Gates, groups: Sequence[ChannelGroup], batch: Batch, loss_fn: LossFn,
+              hessian: str = "exact", samples: int = 1) -> Scores:
+        """Scores of one minibatch (does its own forward/backward)."""
+        if self.kind == "static":
+            raise ValueError(f"criterion {self.name!r} needs no data; use static_scores")
+        x, y = batch
+        gates.zero_grad()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        return self.from_gradients(model, gates, groups)
+
+    def static(self, model: nn.Module, groups: Sequence[ChannelGroup],
+               generator: torch.Generator | None = None) -> Scores:
+        raise ValueError(f"criterion {self.name!r} is not data-free")
+
+
+class TaylorFO(Criterion):
+    name = "taylor_fo"
+
+    def from_gradients(self, model, gates, groups):
         return taylor_fo(gates)
-    if criterion == "taylor_fo_weight":
+
+
+class TaylorFOWeight(Criterion):
+    name = "taylor_fo_weight"
+
+    def from_gradients(self, model, gates, groups):
         return taylor_fo_weight(model, groups)
-    raise ValueError(f"criterion {criterion!r} needs no data; use static_scores")
 
 
-def static_scores(
-    criterion: str, model: nn.Module, groups: Sequence[ChannelGroup], generator: torch.Generator | None = None
-) -> Scores:
-    """Data-free criteria: ``l2_norm``, ``bn_scale``, ``random``."""
-    if criterion == "l2_norm":
+class TaylorSO(Criterion):
+    name = "taylor_so"
+    kind = "passes"
+
+    def batch(self, model, gates, groups, batch, loss_fn, hessian="exact", samples=1):
+        x, y = batch
+        gates.zero_grad()
+        model.zero_grad(set_to_none=True)
+        return taylor_so(loss_fn(model(x), y), gates, mode=hessian, samples=samples)
+
+
+class Oracle(Criterion):
+    name = "oracle"
+    kind = "passes"
+
+    def batch(self, model, gates, groups, batch, loss_fn, hessian="exact", samples=1):
+        return oracle(model, gates, [batch], loss_fn)
+
+
+class L2Norm(Criterion):
+    name = "l2_norm"
+    kind = "static"
+
+    def static(self, model, groups, generator=None):
         return l2_norm(model, groups)
-    if criterion == "bn_scale":
+
+
+class BNScale(Criterion):
+    name = "bn_scale"
+    kind = "static"
+
+    def static(self, model, groups, generator=None):
         return bn_scale(model, groups)
-    if criterion == "random":
+
+
+class Random(Criterion):
+    name = "random"
+    kind = "static"
+
+    def static(self, model, groups, generator=None):
         return random_scores(groups, generator)
-    raise ValueError(f"criterion {criterion!r} is not data-free")
+
+
+#: config name (``method.criterion``) -> criterion
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (TaylorFO(), TaylorFOWeight(), TaylorSO(), L2Norm(), BNScale(),
+                                                        Random(), Oracle())}
+
+
+def get_criterion(name: str) -> Criterion:
+    """The criterion of a config name, or a ValueError naming the allowed values."""
+    if name not in CRITERIA:
+        raise ValueError(f"unknown structured criterion {name!r}; allowed values: {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def check_criterion(name: str) -> str:
+    return get_criterion(name).name
+
+
+def batch_scores(criterion: str, model: nn.Module, gates: Gates, groups: Sequence[ChannelGroup], batch: Batch,
+                 loss_fn: LossFn, hessian: str = "exact", samples: int = 1) -> Scores:
+    """Scores of one minibatch for a gradient criterion or the oracle (does its own forward/backward)."""
+    return get_criterion(criterion).batch(model, gates, groups, batch, loss_fn, hessian, samples)
+
+
+def static_scores(criterion: str, model: nn.Module, groups: Sequence[ChannelGroup],
+                  generator: torch.Generator | None = None) -> Scores:
+    """Data-free criteria: ``l2_norm``, ``bn_scale``, ``random``."""
+    return get_criterion(criterion).static(model, groups, generator)
 
 
 def all_criteria_scores(
@@ -412,7 +486,7 @@ def all_criteria_scores(
     groups: Sequence[ChannelGroup],
     batches: Iterable[Batch],
     loss_fn: LossFn,
-    criteria: Sequence[str] = CRITERIA,
+    criteria: Sequence[str] = tuple(CRITERIA),
     hessian: str = "exact",
     samples: int = 1,
     seed: int = 0,
@@ -425,12 +499,12 @@ def all_criteria_scores(
     gen = torch.Generator().manual_seed(seed)
     result: dict[str, Scores] = {}
     for c in criteria:
-        check_criterion(c)
-        if c in STATIC_CRITERIA:
+        crit = get_criterion(c)
+        if crit.kind == "static":
             if c == "bn_scale" and not all(g.has_norm() for g in groups):
                 logger.info("skipping bn_scale: some groups have no BatchNorm")
                 continue
-            result[c] = static_scores(c, model, groups, gen)
+            result[c] = crit.static(model, groups, gen)
             continue
         if c == "oracle":
             result[c] = oracle(model, gates, batches, loss_fn, oracle_groups)
@@ -439,7 +513,7 @@ def all_criteria_scores(
         with frozen_state(model, seed) as rng:
             for i, b in enumerate(batches):
                 with rng(i):
-                    acc.add(batch_scores(c, model, gates, groups, b, loss_fn, hessian, samples))
+                    acc.add(crit.batch(model, gates, groups, b, loss_fn, hessian, samples))
         result[c] = acc.interval_mean()
     gates.zero_grad()
     model.zero_grad(set_to_none=True)

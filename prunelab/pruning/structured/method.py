@@ -8,7 +8,7 @@ Neural Network Pruning", CVPR 2019.
   units) is reached; the stage then stops and the model is compacted.
 - ``schedule=oneshot``: score on ``prune.score_batches`` batches, remove units until the target, compact.
 
-After pruning the gated model is compacted (:func:`~prunelab.pruning.structured.compact.compact`) into a
+After pruning the gated model is compacted (:func:`~prunelab.pruning.units.compact.compact`) into a
 smaller dense network, which is what fine-tuning trains and what is measured (params, FLOPs, latency).
 Under DDP the interval sums of the scores are averaged across ranks before every pruning step, so every
 rank removes the same units.
@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.pipeline.hooks import TrainHook, masks_checksum
-from prunelab.pruning.method import TrainingMethod, check_choice
+from prunelab.pruning.method import Finished, TrainingMethod, check_choice
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.structured.pruner import TARGET_KINDS, PruneSchedule, StructuredPruner, removed_counts
+from prunelab.training.hooks import TrainHook, masks_checksum
 
 log = logging.getLogger(__name__)
-
-NEEDS_OWN_PASSES = ("taylor_so", "oracle")
-
 
 class StructuredHook(TrainHook):
     """Accumulates the criterion after every backward pass and prunes ``k`` units every ``frequency``
@@ -47,19 +44,19 @@ class StructuredHook(TrainHook):
         self.pruner.gates.to(module.device)
 
     def loss(self, module, x, y):
-        if self.pruner.criterion in NEEDS_OWN_PASSES:
+        if self.pruner.crit.kind == "passes":
             self._batch = (x, y)
         return super().loss(module, x, y)
 
     def after_backward(self, module, batch_idx: int) -> None:
         p = self.pruner
-        if p.criterion in C.GRADIENT_CRITERIA and p.criterion not in NEEDS_OWN_PASSES:
+        if p.crit.kind == "gradient":
             p.accumulate()
         p.gates.zero_grad()
 
     def after_step(self, module, batch_idx: int) -> None:
         p = self.pruner
-        if p.criterion in NEEDS_OWN_PASSES and self._batch is not None:
+        if p.crit.kind == "passes" and self._batch is not None:
             p.accumulate_batch(*self._batch)  # after the optimiser step: its own passes clear the gradients
             self._batch = None
         removed = p.tick(before_step=lambda: p.acc.map_interval(
@@ -121,7 +118,7 @@ class StructuredMethod(TrainingMethod):
 
     @property
     def needs_data(self) -> bool:
-        return self.criterion not in C.STATIC_CRITERIA
+        return C.get_criterion(self.criterion).needs_data
 
     def pruner(self, ctx, model: nn.Module, frequency: int = 30, k: int = 100) -> StructuredPruner:
         example = torch.zeros(2, *ctx.input_shape, device=next(model.parameters()).device)
@@ -133,17 +130,17 @@ class StructuredMethod(TrainingMethod):
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, TrainHook]:
         return model, StructuredHook(self.pruner(ctx, model, schedule.frequency, schedule.k))
 
-    def finish(self, ctx, model: nn.Module, hook: StructuredHook) -> tuple[nn.Module, dict[str, Any]]:
+    def finish(self, ctx, model: nn.Module, hook: StructuredHook) -> Finished:
         p = hook.pruner
         if not p.done():
-            if p.acc.count or p.acc.ema is not None or self.criterion in C.STATIC_CRITERIA:
+            if p.acc.count or p.acc.ema is not None or not p.crit.needs_data:
                 log.warning("structured target not reached during training (%.3f of %s removed, target %s): "
                             "removing the rest now with the current scores", p.progress(), self.target_kind,
                             self.amount)
                 p.step(k=p.total_units, stop_at_target=True)
         return self._compact(p, {"history": hook.history})
 
-    def one_shot(self, ctx, model: nn.Module, batches: list) -> tuple[nn.Module, dict[str, Any]]:
+    def one_shot(self, ctx, model: nn.Module, batches: list) -> Finished:
         p = self.pruner(ctx, model)
         was_training = model.training
         model.train()
@@ -151,7 +148,7 @@ class StructuredMethod(TrainingMethod):
         model.train(was_training)
         return self._compact(p, {})
 
-    def _compact(self, p: StructuredPruner, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    def _compact(self, p: StructuredPruner, info: dict[str, Any]) -> Finished:
         small = p.compact()
         counts = removed_counts(p.groups, p.gates.mask)
         p.remove_gates()
@@ -162,4 +159,5 @@ class StructuredMethod(TrainingMethod):
             "metrics": {"structure/units_removed": p.pruned_units(),
                         "structure/units_removed_frac": p.pruned_units() / max(1, p.total_units)},
         })
-        return small, info
+        # the gates prune whole dependency groups: every pruned unit is removed, nothing is left to mask
+        return Finished(small, None, info)

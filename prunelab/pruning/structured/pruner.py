@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.pruning.structured import criteria as C
-from prunelab.pruning.structured.compact import CostModel, compact
-from prunelab.pruning.structured.gates import Gates
-from prunelab.pruning.structured.groups import ChannelGroup, build_groups, param_masks, pruned_member_indices
+from prunelab.pruning.units.compact import CostModel, compact
+from prunelab.pruning.units.gates import Gates
+from prunelab.pruning.units.groups import ChannelGroup, build_groups, param_masks, pruned_member_indices
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class StructuredPruner:
         self.model = model
         self.example_input = example_input
         self.criterion = C.check_criterion(criterion)
+        self.crit = C.get_criterion(criterion)
         self.normalize = normalize
         C.normalize_scores({}, {}, normalize)  # validate
         self.schedule = schedule or PruneSchedule()
@@ -114,21 +115,19 @@ class StructuredPruner:
     def accumulate(self) -> None:
         """Read the gradients of the last backward pass (``taylor_fo``: gate grads, ``taylor_fo_weight``:
         parameter grads) into the interval average. Data-free criteria need nothing (no-op)."""
-        if self.criterion == "taylor_fo":
-            self.acc.add(C.taylor_fo(self.gates))
-        elif self.criterion == "taylor_fo_weight":
-            self.acc.add(C.taylor_fo_weight(self.model, self.groups))
-        elif self.criterion in ("taylor_so", "oracle"):
+        if self.crit.kind == "gradient":
+            self.acc.add(self.crit.from_gradients(self.model, self.gates, self.groups))
+        elif self.crit.kind == "passes":
             raise RuntimeError(f"criterion {self.criterion} needs its own passes: use accumulate_batch(x, y)")
         self.gates.zero_grad()
 
     def accumulate_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Score one minibatch with its own forward/backward (any data criterion, incl. taylor_so, oracle).
         Parameter gradients are cleared afterwards."""
-        if self.criterion in C.STATIC_CRITERIA:
+        if self.crit.kind == "static":
             return
-        s = C.batch_scores(self.criterion, self.model, self.gates, self.groups, (inputs, targets), self.loss_fn,
-                           self.hessian, self.samples)
+        s = self.crit.batch(self.model, self.gates, self.groups, (inputs, targets), self.loss_fn, self.hessian,
+                            self.samples)
         self.acc.add(s)
         self.gates.zero_grad()
         self.model.zero_grad(set_to_none=True)
@@ -136,8 +135,8 @@ class StructuredPruner:
     def scores(self, update: bool = True) -> C.Scores:
         """Current ranking scores: the EMA of interval means (updated with the current interval when
         ``update``), or the data-free criterion; pruned units 0, per-group normalisation applied."""
-        if self.criterion in C.STATIC_CRITERIA:
-            raw = C.static_scores(self.criterion, self.model, self.groups, self.generator)
+        if self.crit.kind == "static":
+            raw = self.crit.static(self.model, self.groups, self.generator)
         elif update and self.acc.count > 0:
             raw = self.acc.update()
         elif self.acc.ema is not None:
@@ -235,7 +234,7 @@ class StructuredPruner:
     def after_backward(self) -> int:
         """Training-loop hook: accumulate, and every ``frequency`` minibatches prune ``k`` units unless the
         target is reached. Returns the number of units removed at this call."""
-        if self.criterion not in C.STATIC_CRITERIA:
+        if self.crit.kind != "static":
             self.accumulate()
         return self.tick() or 0
 
@@ -243,7 +242,7 @@ class StructuredPruner:
                  target_kind: str = "units") -> int:
         """Score on ``batches`` (ignored by data-free criteria) and remove units until ``amount`` (see
         :class:`PruneSchedule` for its meaning per ``target_kind``)."""
-        if self.criterion not in C.STATIC_CRITERIA:
+        if self.crit.kind != "static":
             for x, y in batches:
                 self.accumulate_batch(x, y)
         return self.step(k=self.total_units, stop_at_target=True, target=amount, target_kind=target_kind)

@@ -5,7 +5,7 @@ the Taylor expansion of the loss in ``z_m`` around 1. For a conv followed by Bat
 the BN, so ``z * (gamma * xhat + beta)`` and ``z dL/dz = gamma dL/dgamma + beta dL/dbeta`` (their Eq. 7 /
 "Taylor FO on BN").
 
-Implementation: forward hooks (the model class is untouched, ``state_dict`` unchanged). A group's gate
+Implementation: forward hooks (:class:`~prunelab.pruning.units.sites.SiteHook`; the model class is untouched, ``state_dict`` unchanged). A group's gate
 vector ``z`` (a leaf tensor, ``requires_grad=True``, not a model parameter so no optimiser moves it) times
 the group's bool mask multiplies the output of every gate site of the group (:class:`GateSite`). For a
 residual-coupled group, every member producing the coupled channels (each block's last BN, the downsample
@@ -15,7 +15,7 @@ whose Taylor expansion predicts removing the unit everywhere at once.
 
 Masks: ``z * mask`` with a False entry zeroes the unit's output after BN (bias ``beta`` included) at every
 site, so the downstream layers see exactly zero in that channel -- the same function as the compacted model
-that does not have the channel at all (see :func:`prunelab.pruning.structured.compact.compact`).
+that does not have the channel at all (see :func:`prunelab.pruning.units.compact.compact`).
 """
 
 from __future__ import annotations
@@ -26,23 +26,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from prunelab.pruning.structured.groups import ChannelGroup
-
-
-class GateHook:
-    """Forward hook ``output -> output * (z * mask)`` broadcast along ``dim``."""
-
-    def __init__(self, gates: Gates, group_id: str, dim: int):
-        self.gates = gates
-        self.group_id = group_id
-        self.dim = dim
-
-    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        g = self.gates.effective(self.group_id).to(dtype=output.dtype)
-        dim = self.dim % output.dim()
-        shape = [1] * output.dim()
-        shape[dim] = -1
-        return output * g.view(shape)
+from prunelab.pruning.units.groups import ChannelGroup
+from prunelab.pruning.units.sites import attach, broadcast_view, strip_site_hooks
 
 
 class Gates:
@@ -67,8 +52,7 @@ class Gates:
         self.remove()
         for g in self.groups.values():
             for site in g.gates:
-                module = self.model.get_submodule(site.name)
-                self._handles.append(module.register_forward_hook(GateHook(self, g.id, site.dim)))
+                self._handles.append(attach(self.model.get_submodule(site.name), self, (g.id, site.dim)))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -78,6 +62,11 @@ class Gates:
     @property
     def installed(self) -> bool:
         return bool(self._handles)
+
+    def multiply(self, key: tuple[str, int], output: torch.Tensor) -> torch.Tensor:
+        """The site hook's multiply: ``output * (z * mask)`` of group ``key[0]`` along dim ``key[1]``."""
+        gid, dim = key
+        return output * broadcast_view(self.effective(gid).to(dtype=output.dtype), output, dim)
 
     # values -----------------------------------------------------------------------------------------------
     def effective(self, group_id: str) -> torch.Tensor:
@@ -119,12 +108,5 @@ class Gates:
 
 
 def strip_gate_hooks(model: nn.Module) -> int:
-    """Remove every :class:`GateHook` from ``model`` (e.g. from a deep copy of a gated model).
-
-    Returns the number of hooks removed."""
-    n = 0
-    for m in model.modules():
-        for key in [k for k, h in m._forward_hooks.items() if isinstance(h, GateHook)]:
-            del m._forward_hooks[key]
-            n += 1
-    return n
+    """Remove every multiplier hook from ``model`` (e.g. from a deep copy of a gated model); returns how many."""
+    return strip_site_hooks(model)

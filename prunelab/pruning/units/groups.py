@@ -24,16 +24,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from prunelab.pruning.units.layers import BN_TYPES, NORM_TYPES, UNIT_TYPES, channel_dim
+
 logger = logging.getLogger(__name__)
 
-#: layers whose output channels are units (roots of groups).
-UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-#: normalisation layers after which the gate is placed (their affine shift is part of the unit's output).
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass(frozen=True)
@@ -127,13 +121,6 @@ def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
 
 
-def _channel_dim(module: nn.Module) -> int:
-    """Dimension of a module's output that holds its channels / features."""
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):
-        return -1
-    return 1
-
-
 def _gate_sites(dg: tp.DependencyGraph, tp_group, names: dict[nn.Module, str]) -> list[GateSite]:
     """Gate every producer's output with the group's gate, except a conv / linear whose only consumer is a
     normalisation layer of the same group: that one is gated after the norm (so the gate also removes the
@@ -154,7 +141,7 @@ def _gate_sites(dg: tp.DependencyGraph, tp_group, names: dict[nn.Module, str]) -
             outs = dg.module2node[m].outputs
             if len(outs) == 1 and isinstance(outs[0].module, NORM_TYPES) and outs[0].module in in_group:
                 continue
-        sites.append(GateSite(names[m], _channel_dim(m)))
+        sites.append(GateSite(names[m], channel_dim(m)))
     return sites
 
 
@@ -256,7 +243,7 @@ def removable_group_masks(
     layer_keep: dict[str, torch.Tensor],
     counts: Callable[[GroupMember], bool] = lambda member: True,
 ) -> dict[str, torch.Tensor]:
-    """Group masks (True = kept) for :func:`~prunelab.pruning.structured.compact.compact` from per-layer unit
+    """Group masks (True = kept) for :func:`~prunelab.pruning.units.compact.compact` from per-layer unit
     masks of a method that masks layers separately (BMRS noise, DLLP gates).
 
     ``layer_keep``: ``{producer layer name: bool per output unit of that layer}``. A unit of a group is

@@ -4,7 +4,9 @@ complaint this answers).
 :func:`compact` deep-copies the model, drops the gate hooks and removes every pruned channel from every conv,
 linear and norm layer it touches -- the producers' output rows, BN channels (affine parameters and running
 statistics) and the next layers' input columns (after flattening too) -- with Torch-Pruning's dependency
-groups (``DG.get_pruning_group(root, prune_out_channels, idxs).prune()``). Because the gates zero the unit's
+groups (``DG.get_pruning_group(root, prune_out_channels, idxs).prune()``). :func:`compact_units` is the entry point
+of the families that mask units per layer (BMRS, DLLP): it removes what can be removed and returns a
+:class:`~prunelab.pruning.masks.MaskSet` for the rest. Because the gates zero the unit's
 output after BN (shift included, see :mod:`.gates`), the layers reading a pruned channel see exactly 0
 there, so removing the channel and its input columns leaves the function unchanged: the compacted model
 equals the masked one up to float rounding.
@@ -25,13 +27,17 @@ import torch
 from torch import nn
 
 from prunelab.metrics.latency import count_params, flop_counts
-from prunelab.pruning.structured.gates import strip_gate_hooks
-from prunelab.pruning.structured.groups import (
-    UNIT_TYPES,
+from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.units.gates import strip_gate_hooks
+from prunelab.pruning.units.groups import (
     ChannelGroup,
     build_dependency_graph,
+    build_groups,
     pruned_member_indices,
+    removable_group_masks,
 )
+from prunelab.pruning.units.layers import UNIT_TYPES
+from prunelab.pruning.units.sites import LayerSite, site_param_masks
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,64 @@ def compact(
         tp_group.prune()
     logger.debug("compacted: %d -> %d parameters", count_params(model), count_params(new))
     return new
+
+
+def compact_units(
+    model: nn.Module,
+    keep: dict[str, torch.Tensor],
+    sites: Sequence[LayerSite],
+    example_input: torch.Tensor,
+) -> tuple[nn.Module, MaskSet | None, dict[str, int]]:
+    """Remove the pruned units of a plain (multiplier-free) ``model`` physically: the one compaction of every
+    family that masks units per layer (BMRS noise, DLLP gates; the Taylor gates' group masks go straight to
+    :func:`compact`).
+
+    ``keep``: ``{site layer name: bool (units,)}`` (True = kept); the pruned units' parameters must already
+    be zero in ``model`` wherever :func:`~.sites.site_param_masks` says they own them. A unit of a
+    dependency group is removed iff every conv / linear layer producing it has a mask that prunes it (so the
+    channel is zero wherever it is read, residual coupling included); a group never loses all its units.
+    Units pruned but not removable stay, exactly zero, and are returned as a :class:`MaskSet` over the
+    compacted network's parameters (``None`` when every pruned unit was removed) for fine-tuning to enforce.
+    Returns ``(compact model, masks, info)``."""
+    groups = build_groups(model, example_input)
+    group_masks = removable_group_masks(
+        groups, keep, counts=lambda mem: isinstance(model.get_submodule(mem.name), UNIT_TYPES))
+    small = compact(model, group_masks, example_input, groups) if group_masks else copy.deepcopy(model)
+    pmasks = site_param_masks(model, sites, keep, example_input, groups)
+    # The masks of the compacted network: compact a copy whose parameters ARE the masks (the channel removal
+    # only selects indices, so it maps every mask entry onto its parameter's entry).
+    mask_net = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in mask_net.named_parameters():
+            p.copy_(pmasks[name].to(p.dtype) if name in pmasks else torch.ones_like(p))
+    small_masks = compact(mask_net, group_masks, example_input, groups) if group_masks else mask_net
+    left = {n: p.detach() > 0.5 for n, p in small_masks.named_parameters()}
+    left = {n: m for n, m in left.items() if not bool(m.all())}
+    if left:  # what the unremoved pruned units own is zero (it only ever fed their zero channel)
+        MaskSet(left).apply(small)
+    removed = int(sum(int((~m).sum()) for m in group_masks.values()))
+    pruned = int(sum(int((~k.bool()).sum()) for k in keep.values()))
+    info = {"groups": len(groups), "groups_compacted": len(group_masks), "units_removed_physically": removed,
+            "units_pruned": pruned, "units_masked_not_removed": pruned_not_removed(keep, sites, groups, group_masks),
+            "params_zero_masked": len(left)}
+    return small, (MaskSet(left) if left else None), info
+
+
+def pruned_not_removed(keep: dict[str, torch.Tensor], sites: Sequence[LayerSite], groups: Sequence[ChannelGroup],
+                       group_masks: dict[str, torch.Tensor]) -> int:
+    """Pruned units (per site) that the compaction did not remove."""
+    removed: dict[str, set[int]] = {}
+    for g in groups:
+        if g.id in group_masks:
+            for mem in g.producers():
+                removed.setdefault(mem.name, set()).update(pruned_member_indices(mem, group_masks[g.id]).tolist())
+    n = 0
+    for site in sites:
+        k = keep.get(site.layer)
+        if k is not None:
+            gone = removed.get(site.layer, set())
+            n += sum(1 for i in (~k.cpu().bool()).nonzero().flatten().tolist() if i not in gone)
+    return n
 
 
 class CostModel:
