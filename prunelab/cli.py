@@ -27,7 +27,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from prunelab.config import register_configs, register_resolvers
+from prunelab.config import register_configs
+from prunelab.runinfo import register_resolvers
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 if not Path(CONFIG_DIR).is_dir():  # installed without the repo: configs shipped inside the package

@@ -282,7 +282,3 @@ def register_resolvers() -> None:
                      ("prunelab_job_dir", job_dir_resolver), ("prunelab_pid", os.getpid)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    if not OmegaConf.has_resolver("prunelab_wandb"):
-        from prunelab.runinfo import wandb_resolver
-
-        OmegaConf.register_new_resolver("prunelab_wandb", wandb_resolver)

@@ -208,3 +208,13 @@ def wandb_resolver(field: str, *, _root_: DictConfig, _parent_: DictConfig) -> A
     if field not in fns:
         raise ValueError(f"${{prunelab_wandb:{field}}}: unknown field; allowed: {', '.join([*fns, 'mode'])}")
     return fns[field](_root_)
+
+
+def register_resolvers() -> None:
+    """Every resolver the configs use: the run/sweep ones of :mod:`prunelab.config` and ``prunelab_wandb``
+    (the W&B logger's name, tags, group and config), registered here so that config never imports upward."""
+    from prunelab.config import register_resolvers as register_config_resolvers
+
+    register_config_resolvers()
+    if not OmegaConf.has_resolver("prunelab_wandb"):
+        OmegaConf.register_new_resolver("prunelab_wandb", wandb_resolver)

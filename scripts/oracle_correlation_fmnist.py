@@ -29,11 +29,12 @@ from scipy.stats import kendalltau, spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunelab.cli import CONFIG_DIR  # noqa: E402
-from prunelab.config import register_configs, register_resolvers  # noqa: E402
+from prunelab.config import register_configs
 from prunelab.pipeline.context import RunContext  # noqa: E402
 from prunelab.pruning.structured import criteria as C  # noqa: E402
 from prunelab.pruning.units.gates import Gates  # noqa: E402
 from prunelab.pruning.units.groups import build_groups  # noqa: E402
+from prunelab.runinfo import register_resolvers  # noqa: E402
 
 CRITERIA = ["taylor_fo", "taylor_fo_weight", "taylor_so", "l2_norm", "random"]
 

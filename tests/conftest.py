@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from prunelab.cli import CONFIG_DIR, quiet_lightning
-from prunelab.config import register_configs, register_resolvers
+from prunelab.config import register_configs
+from prunelab.runinfo import register_resolvers
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
