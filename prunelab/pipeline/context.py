@@ -260,10 +260,12 @@ class RunContext:
         return out
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v
-                  and abs(float(v)) != float("inf")}
+        # NaN never reaches a logger (a non-finite run stops first); inf does: a collapsed network's effective
+        # compression is logged as infinite, not dropped
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and v == v}
         for lg in self.loggers:
-            lg.log_metrics(finite)
+            lg.log_metrics(numbers)
 
     # artefacts --------------------------------------------------------------------------------------
     def stage_path(self, stage: str, suffix: str) -> Path:

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.finetune.base import ExtraLoss
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
+from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.training.hooks import TrainHook
 from prunelab.utils.finite import NonFiniteError, optimizer_advice
@@ -119,12 +120,27 @@ class PruneModule(pl.LightningModule):
         self.check_finite_loss()  # before the hooks (they may prune from the weights) and the epoch checkpoint
         for key, value in self.hook.on_epoch_end(self).items():
             self.log(f"{self.stage}/{key}", float(value))
+        self.log_effective_sparsity()
         loss_sum, correct, count = self._train_sums.tolist()
         if count:
             self.log(f"{self.stage}/train/loss", loss_sum / count, sync_dist=True)
             self.log(f"{self.stage}/train/acc", correct / count, sync_dist=True)
             if self.extra_loss is not None:
                 self.log(f"{self.stage}/train/extra_loss", float(self._extra_sum) / count, sync_dist=True)
+
+    def log_effective_sparsity(self) -> None:
+        """``<stage>/sparsity/effective``, ``<stage>/compression/effective`` and ``<stage>/layer_collapse`` of the
+        masks as they stand at the end of each training epoch (one forward and one backward of the linearised
+        network: about a batch-1 step). A collapsed network logs compression ``inf``, not nothing."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.masks is None or dm is None or not hasattr(dm, "input_shape"):
+            return
+        if not set(self.masks).issubset(dict(self.model.named_parameters())):
+            return  # a transformed model (over-parameterized blocks): measured after the merge, by the stage
+        report = effective_sparsity_report(self.model, self.masks, tuple(dm.input_shape))
+        self.log(f"{self.stage}/sparsity/effective", float(report["sparsity_effective"]))
+        self.log(f"{self.stage}/compression/effective", float(report["compression_effective"]))
+        self.log(f"{self.stage}/layer_collapse", float(report["layer_collapse"]))
 
     def _eval_step(self, batch, split: str, metric: MulticlassAccuracy):
         x, y = batch
