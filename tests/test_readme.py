@@ -31,8 +31,7 @@ SHAPES = {
 FAST = {
     "data.num_train": "128", "data.num_test": "64", "data.batch_size": "32", "pretrain.epochs": "1",
     "finetune.epochs": "1", "trainer.limit_train_batches": "2", "trainer.limit_val_batches": "1",
-    "trainer.limit_test_batches": "1", "trainer.enable_progress_bar": "false", "measure.repeats": "2",
-    "measure.warmup": "1",
+    "trainer.limit_test_batches": "1", "trainer.enable_progress_bar": "false", "measure.latency": "false",
 }
 SYNTHETIC_ONLY = ("data.num_train", "data.num_test")  # options of the synthetic stand-in only
 
