@@ -65,18 +65,20 @@ def overlay_data(experiment: str | None) -> str | None:
     """The ``data`` option an experiment overlay selects (``override /data: X``), if any."""
     if not experiment:
         return None
-    overlay = ROOT / "conf" / "experiment" / f"{experiment.split(',')[0]}.yaml"
+    overlay = ROOT / "conf" / "experiment" / f"{experiment.strip('[]').split(',')[0]}.yaml"
     match = re.search(r"override /data:\s*(\w+)", overlay.read_text()) if overlay.exists() else None
     return match.group(1) if match else None
 
 
 def reduce_command(line: str) -> list[str] | None:
     """The README command as a fast, offline, CPU-only argument list (None: not a prunelab run)."""
-    words = shlex.split(line)
+    words = shlex.split(line.replace("<sweep id>", "<sweep_id>"))
     if words[0] == "make":
         if words[1:] != ["demo"]:
             return None  # `make test` is what runs this file
         words = ["prunelab", "experiment=demo"]
+    if words[0] == "prunelab-eval":  # evaluated on the run's own (tiny) data, not a download
+        words = [w for w in words if not re.match(r"data=\w+$", w)]
     if words[0] != "prunelab":
         return [sys.executable, "-m", {"prunelab-report": "prunelab.report.cli",
                                        "prunelab-eval": "prunelab.evaluate"}[words[0]], *words[1:]]
@@ -103,15 +105,35 @@ def reduce_command(line: str) -> list[str] | None:
         opts["trainer"], opts["trainer.devices"] = "ddp_cpu", "2"
     if opts.get("logger.wandb.offline") == "false":
         opts["logger.wandb.offline"] = "true"  # no network here
-    if opts.get("experiment") == "slurm":  # no cluster: the same grid on the local launcher
+    overlays = opts.get("experiment", "").strip("[]").split(",")
+    if "slurm" in overlays:  # no cluster: the same grid on the local launcher
+        rest = [o for o in overlays if o != "slurm"]
         opts.pop("experiment")
+        if rest:
+            opts["experiment"] = rest[0] if len(rest) == 1 else f"[{','.join(rest)}]"
         opts = {k: v for k, v in opts.items() if not k.startswith("hydra.launcher.")}
+    # no network: pretrained weights are loaded from a local cache in tests/test_model_sources.py
+    if opts.get("model.pretrained") == "true":
+        opts["model.pretrained"] = "false"
+    opts.pop("model.weights_name", None)
     if "hparams_search" in opts:
         opts["hydra.sweeper.n_trials"] = "2"
     for key, value in FAST.items():
         if key not in opts and (synthetic or key not in SYNTHETIC_ONLY):
             opts[key] = value
     return [sys.executable, "-m", "prunelab.cli", *flags, *(f"{k}={v}" for k, v in opts.items())]
+
+
+def fill_placeholders(arg: str, cwd: Path) -> str:
+    """A README path's placeholder, filled from what the commands above created: ``<sweep id>`` the largest
+    sweep (the headline grid), ``<run_id>`` the newest run folder."""
+    if "<sweep_id>" in arg:
+        sweeps = sorted(cwd.glob("outputs/multirun/*/*/"), key=lambda f: len(list(f.glob("*/results.json"))))
+        arg = str(sweeps[-1]) if sweeps else arg
+    if "<run_id>" in arg:
+        runs = sorted(cwd.glob("outputs/runs/*/*/"), key=lambda f: f.stat().st_mtime)
+        arg = str(runs[-1]) if runs else arg
+    return arg
 
 
 ALL = readme_commands(README.read_text())
@@ -144,6 +166,7 @@ def test_readme_commands_run(tmp_path):
         args = reduce_command(line)
         if args is None:
             continue
+        args = [fill_placeholders(a, tmp_path) for a in args]
         out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             failures.append(f"{line}\n  ran: {' '.join(args[2:])}\n  {(out.stderr or out.stdout)[-1500:]}")
