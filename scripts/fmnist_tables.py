@@ -46,7 +46,7 @@ def pivot(runs: pd.DataFrame, rows: list[str], col: str, fn) -> str:
     for key, g in runs.groupby(rows, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         out.append([*map(str, key), *[fn(g[g[col] == c]) for c in cols]])
-    header = [*[r.split(".")[-1] for r in rows], *[f"{c:g}" for c in cols]]
+    header = [*[r.split(".")[-1].rstrip("_") for r in rows], *[f"{c:g}" for c in cols]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in out])
 
