@@ -48,10 +48,17 @@ REAL_MNIST = Path("/work/shared/datasets/mnist-t10k")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def load_data_yaml(name: str) -> Any:
+    """``conf/data/<name>.yaml`` with its defaults list applied (the options it inherits from ``_base``)."""
+    node = OmegaConf.load(CONF / f"{name}.yaml")
+    parents = [load_data_yaml(p) for p in node.pop("defaults", []) if p != "_self_"]
+    return OmegaConf.merge(*parents, node)
+
+
 def compose(name: str, data_dir: Path, seed: int = 0, **overrides: Any) -> Any:
     """Compose ``conf/data/<name>.yaml`` under ``data`` next to ``seed`` / ``paths.data_dir``, instantiate it."""
     cfg = OmegaConf.create({"seed": seed, "paths": {"data_dir": str(data_dir)}})
-    cfg.data = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg.data = load_data_yaml(name)
     cfg = OmegaConf.merge(cfg, {"data": overrides})
     return instantiate(cfg.data)
 
@@ -135,7 +142,7 @@ def all_batches(dm: Any, loader: Any, training: bool = False) -> tuple[torch.Ten
 def test_registry_and_yaml_configs_match(tmp_path: Path) -> None:
     assert DATASETS.names() == NAMES
     for name in NAMES:
-        raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=False)
+        raw = OmegaConf.to_container(load_data_yaml(name), resolve=False)
         assert raw["data_dir"] == "${paths.data_dir}" and raw["seed"] == "${seed}"
         overrides = {"path": "x.npz"} if name == "npz" else {}
         dm = compose(name, tmp_path, seed=3, **overrides)
@@ -143,7 +150,7 @@ def test_registry_and_yaml_configs_match(tmp_path: Path) -> None:
         assert isinstance(dm, pl.LightningDataModule)
         assert dm.seed == 3 and dm.data_dir == str(tmp_path) and dm.name == name
         assert dm.augment == (name in {"cifar10", "cifar100", "imagenet", "tiny_imagenet"})
-    assert OmegaConf.is_missing(OmegaConf.load(CONF / "npz.yaml"), "path")
+    assert OmegaConf.is_missing(load_data_yaml("npz"), "path")
     with pytest.raises(RuntimeError, match="setup"):
         _ = compose("digits", tmp_path).input_shape
 
