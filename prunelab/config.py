@@ -111,6 +111,25 @@ class PrunelabConfig:
     optimized_metric: str | None = None  # what a sweeper optimizes (null: finetune/val/acc_best)
 
 
+# One line of `prunelab --help` per top-level key that is not a config group (``${prunelab_help_keys:}`` in
+# conf/hydra/help/prunelab.yaml renders the keys of the schema; tests/test_cli.py checks every key is described).
+KEY_HELP = {
+    "name": "the run's group: the folder outputs/{runs,multirun}/<name> and the W&B group",
+    "seed": "the seed of the model's initialisation, the data splits and the shuffling",
+    "threads": "torch threads for the whole run (null: torch's default)",
+    "prune": "the target: prune.sparsity (0 <= s < 1) or prune.compression (>= 1), default sparsity 0.9; "
+             "prune.target (direct | effective); which weights: include, exclude_first, exclude_last, exclude; "
+             "score_batches, score_batch_size (data-driven scorers)",
+    "pretrain": "the dense model's training: epochs, optimizer.{name,lr,momentum,weight_decay,...}, "
+                "scheduler.{name,milestones,gamma,warmup_epochs}; cached in paths.cache_dir",
+    "measure": "cost of structurally pruned models: latency, batch_sizes, warmup, repeats, threads, onnx",
+    "paths": "root, data_dir (datasets), cache_dir (dense models), output_dir (this run's folder)",
+    "callbacks": "extra Lightning callbacks: {name: {_target_: ...}}",
+    "debug": "the debug option chosen (debug=...): fast runs that never write the shared cache",
+    "tags": "extra W&B tags: tags=[a,b]",
+    "optimized_metric": "what a sweeper (hparams_search) optimizes; null: the fine-tuning's best validation accuracy",
+}
+
 TARGETS = ("direct", "effective")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "constant")
@@ -277,8 +296,28 @@ def job_dir_resolver(*, _root_: DictConfig) -> str:
     return f"{name}__{rid}" if name else rid
 
 
+def help_keys() -> str:
+    """``${prunelab_help_keys:}``: the top-level keys of the schema, one described key per line (wrapped),
+    then the config groups on one line."""
+    import dataclasses
+    import textwrap
+
+    lines, groups = [], []
+    for f in dataclasses.fields(PrunelabConfig):
+        if f.name in KEY_HELP:
+            text = textwrap.wrap(KEY_HELP[f.name], 100 - 19)
+            lines.append(f"{f.name:<18} {text[0]}")
+            lines += [" " * 19 + t for t in text[1:]]
+        else:
+            groups.append(f.name)
+    if groups:
+        lines += [" ".join(groups), " " * 19 + "the config groups above (data.batch_size=64, method=snip, ...)"]
+    return "\n".join(lines).replace("$", "$$")
+
+
 def register_resolvers() -> None:
     for name, fn in (("prunelab_run_id", run_id_resolver), ("prunelab_sweep_id", sweep_id_resolver),
-                     ("prunelab_job_dir", job_dir_resolver), ("prunelab_pid", os.getpid)):
+                     ("prunelab_job_dir", job_dir_resolver), ("prunelab_pid", os.getpid),
+                     ("prunelab_help_keys", help_keys)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -48,15 +48,20 @@ def test_help_lists_groups(tmp_path):
 
 
 def test_help_header_and_every_top_level_key(tmp_path):
-    from prunelab.config import PrunelabConfig
+    from prunelab.cli import CONFIG_DIR
+    from prunelab.config import KEY_HELP, PrunelabConfig
 
     out = prunelab(tmp_path, "--help")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("prunelab: pruning research"), out.stdout[:200]
     assert "cli" not in out.stdout.splitlines()[0]
     keys = out.stdout.split("== Top-level keys", 1)[1]
-    for f in dataclasses.fields(PrunelabConfig):  # every top-level key has a line describing it
+    for f in dataclasses.fields(PrunelabConfig):
+        # every top-level key is a config group or has a one-line description (a new key needs one)
+        assert f.name in KEY_HELP or (Path(CONFIG_DIR) / f.name).is_dir(), f"describe {f.name} in KEY_HELP"
         assert f" {f.name} " in keys.replace("\n", " "), f.name
+        if f.name in KEY_HELP:
+            assert " ".join(KEY_HELP[f.name].split()[:4]) in " ".join(keys.split())
 
 
 def test_version_is_prunelabs(tmp_path):

@@ -182,28 +182,27 @@ def _instantiate(node, **kwargs):
 
 
 def _load_data(cfg: DictConfig):
-    """The data module, prepared and set up. An error raised outside prunelab's own checks (numpy reading a
-    file that is not an archive, a truncated download) is reported with the data option and the file."""
-    dm = _instantiate(cfg.data)
-    resolved = getattr(dm, "resolved_path", None)
-    if callable(resolved) and str(resolved()).endswith(".npz") and Path(resolved()).is_file():
-        import zipfile
+    """The data module, prepared and set up. A file error raised outside prunelab's own checks (numpy reading
+    a file that is not an archive or lacks an array, a truncated download) is reported with the data option
+    and the file; any other exception is a bug and keeps its traceback."""
+    import pickle
+    import zipfile
 
-        if not zipfile.is_zipfile(resolved()):
-            raise UserError(f"data.path={cfg.data.path}: {Path(resolved()).resolve()} is not a .npz archive (the "
-                            "zip file numpy.savez / savez_compressed writes, with arrays x, y)")
+    dm = _instantiate(cfg.data)
+    path = dm.resolved_path() if callable(getattr(dm, "resolved_path", None)) else None
+    if path is not None and str(path).endswith(".npz") and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"data.path={cfg.data.path}: {Path(path).resolve()} is not a .npz archive (the zip file "
+                        "numpy.savez / savez_compressed writes, with arrays x, y)")
     try:
         dm.prepare_data()
         dm.setup("fit")
-    except Exception as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         if isinstance(e, UserError) or _raised_by_prunelab(e):
             raise
-        where = f" from {Path(resolved()).resolve()}" if callable(resolved) else (f" from {cfg.data.get('data_dir')}"
-                                                            if cfg.data.get("data_dir") else "")
-        path_opt = " (data.path)" if "path" in cfg.data else ""
-        raise UserError(f"{checks.choice_name('data', cfg.data)}: could not load the data{where}{path_opt}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; is it the right "
-                        "file, complete and readable?") from e
+        where = f"{Path(path).resolve()} (data.path)" if path is not None else f"data.data_dir={cfg.data.get('data_dir')}"
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{checks.choice_name('data', cfg.data)}: could not load the data from {where}: "
+                        f"{type(e).__name__}: {first}; is it the right file, complete and readable?") from e
     return dm
 
 
