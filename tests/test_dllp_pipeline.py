@@ -24,7 +24,7 @@ DLLP_RUN = ["method=dllp", "schedule=train_prune", "schedule.epochs=1", "method.
 
 
 def test_pipeline_end_to_end_unit_granularity(make_cfg):
-    cfg = make_cfg("model=lenet5", *DLLP_RUN, "prune.sparsity=0.5", "method.decision=target")
+    cfg = make_cfg("model=lenet5_caffe", *DLLP_RUN, "prune.sparsity=0.5", "method.decision=target")
     res = run_pipeline(cfg)
     final = res["final"]
     rec = res["stages"]["prune"]["method"]
