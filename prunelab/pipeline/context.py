@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -34,6 +34,7 @@ from prunelab.metrics.latency import (
 )
 from prunelab.pipeline.cache import DenseEntry, debug_mode, dense_identity, dense_key, determinism_record
 from prunelab.pipeline.module import PruneModule
+from prunelab.pipeline.progress import StageProgressBar
 from prunelab.pruning.allocation import Allocation
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
@@ -116,7 +117,7 @@ class RunContext:
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                              every_n_epochs=1, enable_version_counter=False))
         if self.cfg.trainer.get("enable_progress_bar", True):
-            callbacks.append(RichProgressBar(leave=False))
+            callbacks.append(StageProgressBar(leave=False))
         return instantiate(
             self.cfg.trainer, max_epochs=int(epochs), logger=self.loggers or False, callbacks=callbacks,
             enable_checkpointing=ckpt_dir is not None, default_root_dir=str(self.run_dir),
