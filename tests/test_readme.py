@@ -61,12 +61,12 @@ def _sweep(value: str) -> str:
     return value
 
 
-def overlay_data(experiment: str | None) -> str | None:
-    """The ``data`` option an experiment overlay selects (``override /data: X``), if any."""
+def overlay_choice(experiment: str | None, group: str) -> str | None:
+    """The option of ``group`` an experiment overlay selects (``override /<group>: X``), if any."""
     if not experiment:
         return None
     overlay = ROOT / "conf" / "experiment" / f"{experiment.strip('[]').split(',')[0]}.yaml"
-    match = re.search(r"override /data:\s*(\w+)", overlay.read_text()) if overlay.exists() else None
+    match = re.search(rf"override /{group}:\s*(\w+)", overlay.read_text()) if overlay.exists() else None
     return match.group(1) if match else None
 
 
@@ -91,7 +91,7 @@ def reduce_command(line: str) -> list[str] | None:
             continue
         key, _, value = w.partition("=")
         opts[key] = _sweep(value)
-    data = opts.get("data") or overlay_data(opts.get("experiment"))
+    data = opts.get("data") or overlay_choice(opts.get("experiment"), "data")
     if data in SHAPES:
         shape, classes = SHAPES[data]
         opts = {k: v for k, v in opts.items() if not (k.startswith("data.") and k != "data.batch_size")}
@@ -116,6 +116,11 @@ def reduce_command(line: str) -> list[str] | None:
     if opts.get("model.pretrained") == "true":
         opts["model.pretrained"] = "false"
     opts.pop("model.weights_name", None)
+    experiments = opts.get("experiment", "").strip("[]").split(",")
+    schedules = {opts.get("schedule") or overlay_choice(e, "schedule") for e in experiments}
+    if schedules <= {"train_prune", "iterative_structured", "bayesian"}:  # every job: one short pruning stage
+        opts.setdefault("schedule.epochs", "1")
+        opts.setdefault("schedule.frequency", "1")
     if "hparams_search" in opts:
         opts["hydra.sweeper.n_trials"] = "2"
     for key, value in FAST.items():
