@@ -27,7 +27,6 @@ NO_DATA = [o for o in FULL if not o.startswith("data")]
 # non-finite training, data and models ------------------------------------------------------------------------
 @pytest.mark.parametrize("override, options", [
     ("pretrain.optimizer.lr=1e6", "pretrain.optimizer"),
-    ("pretrain.optimizer.lr=nan", "pretrain.optimizer"),
     ("finetune.optimizer.lr=1e6", "finetune.optimizer"),
 ])
 def test_diverging_stage_stops_and_records_nothing(make_cfg, tmp_path, override, options):
@@ -44,9 +43,15 @@ def test_diverging_stage_stops_and_records_nothing(make_cfg, tmp_path, override,
 
 
 def test_diverging_run_exits_non_zero(tmp_path):
-    out = prunelab(tmp_path, *FULL, "pretrain.optimizer.lr=nan", "finetune.epochs=0")
+    out = prunelab(tmp_path, *FULL, "pretrain.optimizer.lr=1e6", "pretrain.epochs=3", "finetune.epochs=0")
     assert out.returncode != 0
     assert "pretrain.optimizer.lr" in out.stderr and "non-finite" in out.stderr
+    assert not list(tmp_path.rglob("model.pt"))
+
+
+def test_nan_learning_rate_is_refused_before_training(tmp_path):
+    out = prunelab(tmp_path, *FULL, "pretrain.optimizer.lr=nan", "finetune.epochs=0")
+    assert out.returncode == 2 and "pretrain.optimizer.lr=nan" in out.stderr
     assert not list(tmp_path.rglob("model.pt"))
 
 
@@ -65,18 +70,19 @@ def test_npz_with_a_non_finite_pixel_is_refused(make_cfg, tmp_path, value):
 def test_npz_that_is_not_an_archive_is_named(make_cfg, tmp_path, content):
     path = tmp_path / "bad.npz"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=rf"{path} \(data.path=.*\) is not a readable .npz archive"):
+    with pytest.raises(ValueError, match=rf"data.path={path}: {path} is not a .npz archive"):
         run_pipeline(make_cfg(*NO_DATA, "data=npz", f"data.path={path}", fast=False))
 
 
 def test_generated_data_with_non_finite_values_is_refused(make_cfg, tmp_path):
-    with pytest.raises(ValueError, match=r"data=synthetic: the training images hold \d+ non-finite values"):
+    # refused by the option check (data.noise) before the data module's own non-finite check is reached
+    with pytest.raises(ValueError, match=r"data\.noise=nan"):
         run_pipeline(make_cfg("data.noise=nan"))
     assert not list(tmp_path.rglob("dense"))
 
 
 @pytest.mark.parametrize("override, match", [("data.std=[0.0]", r"data.std=\[0.0\]: must be finite and > 0"),
-                                             ("data.mean=[nan]", r"data.mean=\[nan\]: must be finite")])
+                                             ("data.mean=[nan]", r"data\.mean=\[nan\]")])
 def test_non_finite_normalisation_is_refused(make_cfg, tmp_path, override, match):
     path = tmp_path / "ok.npz"
     np.savez(path, x=np.zeros((40, 1, 8, 8), np.float32), y=np.arange(40) % 2)
