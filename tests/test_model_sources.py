@@ -234,11 +234,11 @@ def test_user_class_and_function_targets_pass_the_option_check(tmp_path, make_cf
     (tmp_path / "userpkg2" / "nets.py").write_text(USER_NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
     for target in ("userpkg2.nets.make_net", "userpkg2.nets.Net"):
-        cfg = make_cfg("model=mlp", f"model._target_={target}", "~model.name", "model.hidden=5")
+        cfg = make_cfg("model=mlp", f"model._target_={target}", "~model.name", "~model.activation", "model.hidden=5")
         validate(cfg)
         net = instantiate(cfg.model, input_shape=(1, 4, 4), num_classes=3)
         assert math.prod(net[1].weight.shape) == 16 * 5
-        cfg = make_cfg("model=mlp", f"model._target_={target}", "~model.name", "~model.hidden", "+model.width=5")
-        with pytest.raises(ValueError, match=f"model.width is not an option of {target}; allowed options: "
+        cfg = make_cfg("model=mlp", f"model._target_={target}", "~model.name", "~model.activation", "~model.hidden", "+model.width=5")
+        with pytest.raises(ValueError, match=f"model.width is not an option of .*{target}.*; allowed options: "
                                              "input_shape, num_classes, hidden"):
             validate(cfg)

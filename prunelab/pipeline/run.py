@@ -112,7 +112,8 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     ``check_run_dir`` is the same check without the claim (before the start-up checks)."""
     check_run_dir(run_dir, cfg)
     marker = run_dir / "run.json"
-    if not marker.exists() and is_rank_zero():
+    # missing, or damaged (check_run_dir treated it as unclaimed): (re)written atomically
+    if is_rank_zero() and read_record(marker, ("run_id",), what="run record") is None:
         atomic_write_json({"run_id": stable_hash(identity(cfg)), "identity": identity(cfg)}, marker)
 
 
