@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from prunelab.cli import CONFIG_DIR
+from prunelab.config import apply_prune_target
 from prunelab.runinfo import WANDB_TAG_MAX, flat_config, wandb_group, wandb_name, wandb_tags
 
 
@@ -21,6 +22,7 @@ def hydra_cfg(*overrides: str):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = "/tmp/prunelab_test_out"
+    apply_prune_target(cfg, explicit=overrides)  # as run_pipeline does first: the resolved target (0.9 default)
     return cfg
 
 
