@@ -122,18 +122,10 @@ def benchmark_latency(
     return out
 
 
-def measure_latency(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    batch_sizes: Sequence[int] = (1, 64),
-    warmup: int = 3,
-    repeats: int = 10,
-    threads: int | None = None,
-    min_run_time: float = 0.2,
-) -> dict[str, float]:
-    """Median latency in milliseconds per batch size only (``{"latency_ms_b1": ..., ...}``); see
-    :func:`benchmark_latency` for the spread."""
-    stats = benchmark_latency(model, input_shape, batch_sizes, warmup, repeats, threads, min_run_time)
+def measure_latency(model: nn.Module, input_shape: Sequence[int], **options) -> dict[str, float]:
+    """Median latency in milliseconds per batch size only (``{"latency_ms_b1": ..., ...}``); ``options`` and
+    the spread: :func:`benchmark_latency`."""
+    stats = benchmark_latency(model, input_shape, **options)
     return {k: v for k, v in stats.items() if k.startswith("latency_ms_b")}
 
 
