@@ -11,7 +11,7 @@ EXTRA=${EXTRA:-}
 DIRS=()
 for s in $SETTINGS; do
   $PL -m experiment=bmrs_$s method=bmrs_n,bmrs_u,snr seed=$SEEDS $EXTRA
-  $PL -m experiment=bmrs_$s method=bmrs_n method.code_compat=true seed=$SEEDS $EXTRA
+  $PL -m experiment=bmrs_$s method=bmrs_n method.delta_f_n=paper seed=$SEEDS $EXTRA
   $PL -m experiment=bmrs_$s method=bmrs_u method.p=4 seed=$SEEDS $EXTRA
   DIRS+=(outputs/multirun/bmrs_$s)
 done

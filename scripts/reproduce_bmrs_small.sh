@@ -4,7 +4,7 @@ set -e
 # ../shared/datasets/mnist-t10k by scripts/make_mnist10k_npz.py; 80/20 train/validation split of the 8k):
 # the paper's MNIST MLP (7 hidden layers of 100), Adam lr 1e-3 without weight decay, batch 64,
 # EPOCHS (10) epochs of training with continuous pruning + FT_EPOCHS (3) of fine-tuning (best validation epoch),
-# one seed; rules bmrs_n (paper and code_compat), bmrs_u (p = 8, 4), snr, expected_theta, and a dense baseline
+# one seed; rules bmrs_n (the code's Delta F_N and the paper's Eq. 8), bmrs_u (p = 8, 4), snr, expected_theta, and a dense baseline
 # (same recipe, no noise). A few minutes on a 2-core CPU. Table: docs/methods/bmrs.md.
 # Scale deviation: 1,000 steps instead of the paper's ~37,500; Adam moves a parameter by at most ~lr per step,
 # so at lr 1e-3 the noise parameters (mu starts at 0, pruning needs mu << 0) cannot reach the pruned region
@@ -17,7 +17,7 @@ E=${EPOCHS:-10}; F=${FT_EPOCHS:-3}
 BASE="experiment=bmrs_mlp_mnist name=bmrs_small data=npz data.path=$NPZ finetune.epochs=$F logger=none trainer.enable_progress_bar=false measure.latency=false"
 COMMON="$BASE schedule.epochs=$E pretrain.epochs=$E method.noise_lr=${NOISE_LR:-3.0e-2}"
 $PL -m $COMMON method=bmrs_n,bmrs_u,snr,expected_theta
-$PL -m $COMMON method=bmrs_n method.code_compat=true
+$PL -m $COMMON method=bmrs_n method.delta_f_n=paper
 $PL -m $COMMON method=bmrs_u method.p=4
 # dense baseline: the same network and recipe trained without noise (E + F epochs, best validation epoch)
 $PL -m $BASE schedule=at_init ~schedule.epochs method=random allocation=uniform prune.sparsity=0 pretrain.epochs=$((E + F))

@@ -115,11 +115,26 @@ def test_delta_f_n_spike_limit_is_density_at_lower_bound():
         assert torch.equal(prune[margin], (density >= 1 / (LB - LA))[margin])
 
 
-def test_delta_f_n_code_compat_differs_by_half_log_2pi():
+def test_delta_f_n_code_variant_differs_by_half_log_2pi():
     mu = torch.linspace(-25, 3, 15, dtype=torch.float64)
     sigma = torch.logspace(-2, 1.5, 15, dtype=torch.float64)
-    diff = delta_f_n(mu, sigma, code_compat=True) - delta_f_n(mu, sigma)
+    diff = delta_f_n(mu, sigma, variant="code") - delta_f_n(mu, sigma)
     torch.testing.assert_close(diff, torch.full_like(diff, 0.5 * math.log(2 * math.pi)), atol=1e-12, rtol=0)
+
+
+def test_collapsing_unit_is_pruned_by_the_code_variant_only():
+    """The finding behind the default: the KL drives a unit the data do not need towards the prior itself
+    (the truncated log-normal flattens out, sigma growing; measured mu ~ -0.8, sigma ~ 25). On that path the
+    exact Delta F_N (Eq. 8) rises to 0 from below and never reaches it (at the prior it is a tie), so the
+    paper's formula prunes nothing; the code's formula (+1/2 log 2 pi) crosses 0 and prunes the unit."""
+    sigmas = torch.logspace(0.5, 4, 30, dtype=torch.float64)
+    for mu in (-10.0, -0.8):
+        mus = torch.full_like(sigmas, mu)
+        paper, code = delta_f_n(mus, sigmas, variant="paper"), delta_f_n(mus, sigmas, variant="code")
+        assert (paper < 0).all() and paper[-1] > -1e-3 and (paper.diff() > 0).all()
+        assert (code[-5:] > 0).all() and code[-1] == pytest.approx(0.5 * math.log(2 * math.pi), abs=1e-3)
+    with pytest.raises(ValueError, match="variant"):
+        delta_f_n(mus, sigmas, variant="code_compat")
 
 
 def test_delta_f_n_non_increasing_in_mu():
@@ -443,7 +458,7 @@ def test_pruner_continuous_masks_freeze_stats_and_ranking():
     assert s["frac_units_removed"] == pytest.approx(4 / 48)
     assert s["params_removed"] == 4 * (10 + 1 + 2 + 16)
     assert s["frac_params_removed"] == pytest.approx(4 * 29 / sum(p.numel() for p in mlp.parameters()))
-    assert s["delta_f_n_variant"] == "paper" and s["layers"]["1.bmrs_noise"]["pruned"] == 4
+    assert s["delta_f_n_variant"] == "code" and s["layers"]["1.bmrs_noise"]["pruned"] == 4
     ranked = rank_units(noises, "bmrs_n")
     assert {(n, i) for n, i, _ in ranked[:4]} == {("1.bmrs_noise", i) for i in range(4)}
     assert all(a[2] >= b[2] for a, b in zip(ranked, ranked[1:]))
@@ -455,9 +470,12 @@ def test_pruner_continuous_masks_freeze_stats_and_ranking():
     with torch.no_grad():
         n1.mu[5] = -19.5
     assert pr.update_masks()["1.bmrs_noise"][5]
-    assert BMRSPruner(noises, code_compat=True).stats()["delta_f_n_variant"] == "code_compat"
+    assert BMRSPruner(noises).stats()["delta_f_n_variant"] == "code"  # the default: the authors' code
+    assert BMRSPruner(noises, delta_f_n_variant="paper").stats()["delta_f_n_variant"] == "paper"
     with pytest.raises(ValueError):
         BMRSPruner(noises, rule="magnitude")
+    with pytest.raises(ValueError, match="code"):
+        BMRSPruner(noises, delta_f_n_variant="code_compat")
 
 
 # ------------------------------------------------------------------------------- end to end (small)
@@ -480,6 +498,6 @@ def _train_and_check_small_mlp() -> None:
         loss.backward()
         opt.step()
     noise = noises["1.bmrs_noise"]
-    for rule, kw in (("bmrs_u", {}), ("bmrs_n", {"code_compat": True})):
+    for rule, kw in (("bmrs_u", {}), ("bmrs_n", {"delta_f_n_variant": "code"})):
         keep = BMRSPruner(noises, rule=rule, **kw).update_masks()["1.bmrs_noise"].clone()
         check_pruned_beats_random(model, noise, keep, xte, yte)

@@ -51,7 +51,7 @@ def test_pipeline_records_rule_variant_and_fractions(make_cfg, rule):
     res = run_pipeline(cfg)
     final, info = res["final"], res["stages"]["prune"]["method"]
     assert final["rule"] == rule == final["target"] and final["sparsity_target"] is None
-    assert final["delta_f_n_variant"] == "paper"
+    assert final["delta_f_n_variant"] == "code"  # the default: the authors' released code
     # every other unit was pushed to the lower bound: all three rules prune exactly those 2 x 16 units
     assert final["units_total"] == 64 and final["units_removed"] == 32
     assert final["frac_units_removed"] == pytest.approx(0.5)
@@ -73,10 +73,10 @@ def test_pipeline_records_rule_variant_and_fractions(make_cfg, rule):
     assert not B.find_noise(model)
 
 
-def test_pipeline_without_forced_pruning_and_code_compat(make_cfg):
-    res = run_pipeline(make_cfg("model=lenet5", "method=bmrs_n", "method.code_compat=true",
+def test_pipeline_without_forced_pruning_and_paper_delta_f(make_cfg):
+    res = run_pipeline(make_cfg("model=lenet5", "method=bmrs_n", "method.delta_f_n=paper",
                                 "method.kl_scaling=elbo", *BAYES))
-    assert res["final"]["delta_f_n_variant"] == "code_compat"
+    assert res["final"]["delta_f_n_variant"] == "paper"
     assert res["stages"]["prune"]["method"]["kl_scaling"] == "elbo"
     assert 0.0 <= res["final"]["frac_units_removed"] <= 1.0
 
@@ -122,7 +122,8 @@ def test_bad_options_raise_naming_option_and_values(make_cfg, tmp_path):
 
 def _noisy(name, shape, seed=0):
     torch.manual_seed(seed)
-    model = build_model(name, shape, 10)
+    name, _, activation = name.partition(":")
+    model = build_model(name, shape, 10, **({"activation": activation} if activation else {}))
     noises = B.insert_noise(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -139,7 +140,8 @@ def _noisy(name, shape, seed=0):
     return model, noises
 
 
-@pytest.mark.parametrize("name,shape", [("mlp", (1, 28, 28)), ("lenet5", (1, 28, 28)), ("resnet20", (3, 32, 32))])
+@pytest.mark.parametrize("name,shape", [("mlp", (1, 28, 28)), ("mlp:tanh", (1, 28, 28)), ("lenet5", (1, 28, 28)),
+                                        ("resnet20", (3, 32, 32))])
 def test_fold_and_compact_equal_the_masked_model(name, shape):
     model, noises = _noisy(name, shape)
     pr = B.BMRSPruner(noises, "bmrs_n")
@@ -152,7 +154,9 @@ def test_fold_and_compact_equal_the_masked_model(name, shape):
         expected = model(x)
     B.remove_noise(model)
     sites = noise_sites(model, noises)
-    fold_noise(model, noises, sites)
+    # after a Tanh the factor goes into the readers' columns (it cannot pass back through the non-linearity)
+    assert {v["into"] for v in sites.values()} == ({"columns"} if name == "mlp:tanh" else {"rows"})
+    fold_noise(model, noises, sites, x[:2])
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     small, left, info = compact_folded(model, masks, noises, x[:2])
@@ -186,6 +190,33 @@ def test_fold_and_compact_equal_the_masked_model(name, shape):
             left.apply(net)
     assert all(bool((small.get_parameter(n)[~m] == 0).all()) for n, m in left.items())
     assert any(bool((free.get_parameter(n)[~m] != 0).any()) for n, m in left.items())
+
+
+def test_folding_a_tanh_noise_into_the_producer_would_be_wrong():
+    """The seam the columns fold exists for: scaling the rows before a Tanh changes the function (so the test
+    above would fail with the ReLU rule), scaling the readers' columns does not."""
+    model, noises = _noisy("mlp:tanh", (1, 28, 28))
+    model.eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    B.remove_noise(model)
+    sites = noise_sites(model, noises)
+    rows = {n: dict(v, into="rows") for n, v in sites.items()}
+    wrong = copy.deepcopy(model)
+    fold_noise(wrong, noises, rows)
+    with torch.no_grad():
+        assert (wrong(x) - expected).abs().max() > 1e-2
+
+
+def test_pipeline_tanh_mlp_as_the_authors(make_cfg):
+    """The authors' MLP (Tanh): noise after the Tanh, folded forward, compacted, fine-tuned."""
+    res = run_pipeline(make_cfg("model=mlp", "model.hidden=[32]", "model.activation=tanh", "method=bmrs_n",
+                                *BAYES, *PART))
+    info = res["stages"]["prune"]["method"]
+    assert res["final"]["units_removed"] == 16
+    assert info["fold_max_abs_diff"] < 1e-4 and info["compact_max_abs_diff"] < 1e-4
+    assert [v["fold_into"] for v in info["layers"].values()] == ["columns"]
 
 
 def test_noise_parameters_have_no_weight_decay():

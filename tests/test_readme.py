@@ -34,6 +34,7 @@ FAST = {
     "trainer.limit_test_batches": "1", "trainer.enable_progress_bar": "false", "measure.latency": "false",
 }
 SYNTHETIC_ONLY = ("data.num_train", "data.num_test")  # options of the synthetic stand-in only
+TRAINING_SCHEDULES = {"train_prune", "iterative_structured", "bayesian"}  # those with a schedule.epochs
 
 
 def readme_commands(text: str) -> list[str]:
@@ -118,7 +119,7 @@ def reduce_command(line: str) -> list[str] | None:
     opts.pop("model.weights_name", None)
     experiments = opts.get("experiment", "").strip("[]").split(",")
     schedules = {opts.get("schedule") or overlay_choice(e, "schedule") for e in experiments}
-    if schedules <= {"train_prune", "iterative_structured", "bayesian"}:  # every job: one short pruning stage
+    if schedules <= TRAINING_SCHEDULES:  # every job: one short pruning stage
         opts.setdefault("schedule.epochs", "1")
         opts.setdefault("schedule.frequency", "1")
     if "hparams_search" in opts:
@@ -127,6 +128,22 @@ def reduce_command(line: str) -> list[str] | None:
         if key not in opts and (synthetic or key not in SYNTHETIC_ONLY):
             opts[key] = value
     return [sys.executable, "-m", "prunelab.cli", *flags, *(f"{k}={v}" for k, v in opts.items())]
+
+
+def reduce_commands(line: str) -> list[list[str]]:
+    """:func:`reduce_command`, split into one command per overlay when a multirun sweeps overlays of which
+    only some prune while training: ``schedule.epochs`` (the length of that stage, 20 epochs in the DLLP
+    overlays) can only be shortened on the jobs whose schedule has it."""
+    words = shlex.split(line.replace("<sweep id>", "<sweep_id>"))
+    swept = [w for w in words if w.startswith("experiment=") and "," in w and not w.startswith("experiment=[")]
+    if words[0] != "prunelab" or not swept or "schedule.epochs" in line:
+        return [c for c in [reduce_command(line)] if c is not None]
+    overlays = swept[0].partition("=")[2].split(",")
+    schedules = {overlay_choice(e, "schedule") for e in overlays}
+    if schedules <= TRAINING_SCHEDULES or not schedules & TRAINING_SCHEDULES:
+        return [reduce_command(line)]
+    return [reduce_command(shlex.join(w if w is not swept[0] else f"experiment={e}" for w in words))
+            for e in overlays]
 
 
 def fill_placeholders(arg: str, cwd: Path) -> str:
@@ -156,6 +173,16 @@ def test_reduction_keeps_what_the_command_selects():
     assert reduce_command("make test") is None
 
 
+def test_mixed_schedule_sweep_is_split_so_each_pruning_stage_is_short():
+    line = "prunelab -m experiment=dllp_resnet56_cifar10,dllp_resnet56_cifar10_magnitude prune.sparsity=0.3,0.5"
+    runs = reduce_commands(line)
+    assert len(runs) == 2
+    assert "experiment=dllp_resnet56_cifar10" in runs[0] and "schedule.epochs=1" in runs[0]
+    assert "experiment=dllp_resnet56_cifar10_magnitude" in runs[1]
+    assert not any(a.startswith("schedule.") for a in runs[1])
+    assert all("prune.sparsity=0.3,0.5" in r for r in runs)
+
+
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore",
@@ -168,11 +195,9 @@ def test_readme_commands_run(tmp_path):
             if not script.exists() or out.returncode:
                 failures.append(f"{line}: {out.stderr or 'missing'}")
             continue
-        args = reduce_command(line)
-        if args is None:
-            continue
-        args = [fill_placeholders(a, tmp_path) for a in args]
-        out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            failures.append(f"{line}\n  ran: {' '.join(args[2:])}\n  {(out.stderr or out.stdout)[-1500:]}")
+        for args in reduce_commands(line):
+            args = [fill_placeholders(a, tmp_path) for a in args]
+            out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                failures.append(f"{line}\n  ran: {' '.join(args[2:])}\n  {(out.stderr or out.stdout)[-1500:]}")
     assert not failures, "README commands that fail:\n" + "\n".join(failures)

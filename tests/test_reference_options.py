@@ -244,3 +244,33 @@ def test_spkd_last_is_the_last_stage_output():
     assert default_positions(resnet, "last") == [default_positions(resnet, "stages")[-1]] == ["layer3"]
     with pytest.raises(ValueError, match=r"finetune.positions='first'; allowed values: stages, last, expanded"):
         OverParamSPKD(positions="first")
+
+
+# ------------------------------------------------------------------------------------- BMRS App. C
+# The paper's App. C (Wright, Igel, Selvan 2024): (model, data) -> (hidden widths or None, batch size, Adam lr).
+BMRS_APP_C = {
+    "mlp_mnist": ([100] * 7, 128, 8.5e-4), "mlp_fashion_mnist": ([150], 128, 1.5e-3),
+    "mlp_cifar10": ([150] * 5, 32, 6.8e-4), "lenet5_mnist": ((6, 16, 120, 84), 128, 1.4e-3),
+    "lenet5_fashion_mnist": ((6, 16, 120, 84), 32, 1.4e-3),
+    "lenet5_cifar10": ((18, 48, 360, 252), 64, 1.0e-3),  # the authors' 3-channel LeNet-5: every width x3
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BMRS_APP_C))
+def test_bmrs_overlays_select_the_papers_settings(setting, make_cfg):
+    """Each BMRS overlay selects its reference's settings: App. C batch size and learning rate, Adam without
+    weight decay, constant LR, 50 + 10 epochs, 80/20 train/val split, best-validation fine-tuning, the
+    authors' Tanh MLP, LeNet-5 as 6-16-120-84 (x3 on CIFAR-10 as in the authors' code), Delta F_N as the
+    released code computes it."""
+    hidden, batch, lr = BMRS_APP_C[setting]
+    cfg = make_cfg(f"experiment=bmrs_{setting}", fast=False)
+    assert cfg.data.batch_size == batch and cfg.data.val_fraction == 0.2
+    for stage in (cfg.pretrain, cfg.finetune):
+        assert stage.optimizer.name == "adam" and stage.optimizer.lr == pytest.approx(lr)
+        assert stage.optimizer.weight_decay == 0.0 and stage.scheduler.name == "constant"
+    assert (cfg.schedule.epochs, cfg.finetune.epochs, cfg.finetune.keep_best) == (50, 10, True)
+    assert cfg.method.delta_f_n == "code" and cfg.method.log_a == -20.0
+    if isinstance(hidden, tuple):
+        assert cfg.model.name == "lenet5" and (*cfg.model.channels, *cfg.model.fc) == hidden
+    else:
+        assert cfg.model.name == "mlp" and list(cfg.model.hidden) == hidden and cfg.model.activation == "tanh"

@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 RULES = ("bmrs_n", "bmrs_u", "snr", "expected_theta")
+# Delta F_N as the authors' released code computes it (the default: it reproduces the published compression)
+# or as the paper's Eq. 8 writes it (exact; larger by 1/2 log 2 pi, see delta_f_n).
+DELTA_F_N_VARIANTS = ("code", "paper")
 NOISE_ATTR = "bmrs_noise"
 SAMPLE_MODES = ("element", "sample", "batch")
 PLACEMENTS = ("auto", "batchnorm", "activation", "transformer")
@@ -340,7 +343,7 @@ def delta_f_n(
     log_a: float = -20.0,
     log_b: float = 0.0,
     var_p: float = 1e-12,
-    code_compat: bool = False,
+    variant: str = "paper",
     mu_p: float | None = None,
 ) -> torch.Tensor:
     """BMRS_N: ``Delta F`` for a truncated log-normal reduced prior ``log theta ~ N(mu_p, var_p)`` on
@@ -356,9 +359,16 @@ def delta_f_n(
     ``(mu_q - mu_p)^2 / (var_q + var_p)``, ``var~_q / (var_p var_q) = 1 / (var_q + var_p)``, and the bounds of
     ``q~`` are standardised as ``(var_p (x - mu_q) + var_q (x - mu_p)) / ((var_q + var_p) sd~_q)``. Float64.
 
-    ``code_compat=True`` reproduces the authors' released code, which omits the ``2 pi`` inside the second log
-    (result larger by exactly ``1/2 log(2 pi)``; prunes more). Prune iff ``Delta F >= 0``.
+    ``variant="paper"`` (this function's default) is that equation, exact (it matches quadrature of the
+    free-energy integral). ``variant="code"`` is what the authors' released code computes: it omits the ``2 pi``
+    inside the second log, so its ``Delta F`` is larger by exactly ``1/2 log(2 pi) = 0.919``. The difference
+    decides whether anything is pruned: as a unit's posterior collapses onto ``theta = a``, the exact
+    ``Delta F`` approaches 0 from below and never crosses it, while the code's approaches ``+0.919`` and
+    crosses 0 on the way. The published compression comes from the code's formula; the pipeline's default
+    (:class:`BMRSPruner`, ``method.delta_f_n``) is therefore ``"code"``. Prune iff ``Delta F >= 0``.
     """
+    if variant not in DELTA_F_N_VARIANTS:
+        raise ValueError(f"delta_f_n variant must be one of {DELTA_F_N_VARIANTS}, got {variant!r}")
     mu_q, sd_q = _f64(mu), _f64(sigma)
     var_q = sd_q**2
     mu_p = log_a if mu_p is None else float(mu_p)
@@ -378,7 +388,7 @@ def delta_f_n(
         - 0.5 * torch.log(2 * math.pi * s)
         - 0.5 * (mu_q - mu_p) ** 2 / s
     )
-    return df + ln.LOG_SQRT_2PI if code_compat else df
+    return df + ln.LOG_SQRT_2PI if variant == "code" else df
 
 
 def delta_f_u(
@@ -409,7 +419,7 @@ def prune_scores(
     noise: LogNormalNoise,
     rule: str = "bmrs_n",
     p: float = 8,
-    code_compat: bool = False,
+    delta_f_n_variant: str = "code",
     var_p: float = 1e-12,
     snr_threshold: float = 1.0,
     theta_threshold: float = 0.1,
@@ -423,7 +433,7 @@ def prune_scores(
     with torch.no_grad():
         mu, sigma = noise.posterior64()
         if rule == "bmrs_n":
-            return delta_f_n(mu, sigma, noise.log_a, noise.log_b, var_p=var_p, code_compat=code_compat)
+            return delta_f_n(mu, sigma, noise.log_a, noise.log_b, var_p=var_p, variant=delta_f_n_variant)
         if rule == "bmrs_u":
             return delta_f_u(mu, sigma, noise.log_a, noise.log_b, p=p)
         if rule == "snr":
@@ -524,8 +534,9 @@ class BMRSPruner:
     epoch; masks are recomputed from scratch from the current posteriors, so units can come back.
 
     ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (``p`` = 8, or 4 for more pruning), ``snr`` or
-    ``expected_theta`` (baselines). ``code_compat`` selects the authors' code variant of ``Delta F_N``
-    (see :func:`delta_f_n`); the choice is recorded in :meth:`stats` as ``delta_f_n_variant``.
+    ``expected_theta`` (baselines). ``delta_f_n_variant``: ``"code"`` (default, the authors' released code,
+    which reproduces the published compression) or ``"paper"`` (Eq. 8, exact; see :func:`delta_f_n`); the
+    choice is recorded in :meth:`stats` as ``delta_f_n_variant``.
     """
 
     def __init__(
@@ -533,7 +544,7 @@ class BMRSPruner:
         noises: Mapping[str, LogNormalNoise],
         rule: str = "bmrs_n",
         p: float = 8,
-        code_compat: bool = False,
+        delta_f_n_variant: str = "code",
         var_p: float = 1e-12,
         snr_threshold: float = 1.0,
         theta_threshold: float = 0.1,
@@ -542,24 +553,21 @@ class BMRSPruner:
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if delta_f_n_variant not in DELTA_F_N_VARIANTS:
+            raise ValueError(f"delta_f_n_variant must be one of {DELTA_F_N_VARIANTS}, got {delta_f_n_variant!r}")
         if not noises:
             raise ValueError("BMRSPruner: no noise modules")
         self.noises = dict(noises)
-        self.rule, self.code_compat, self.model = rule, bool(code_compat), model
+        self.rule, self.delta_f_n_variant, self.model = rule, delta_f_n_variant, model
         self.example, self._groups = example, None
         self.score_kwargs = dict(
             p=p,
-            code_compat=code_compat,
+            delta_f_n_variant=delta_f_n_variant,
             var_p=var_p,
             snr_threshold=snr_threshold,
             theta_threshold=theta_threshold,
         )
         self.frozen = False
-
-    @property
-    def delta_f_n_variant(self) -> str:
-        """``"code_compat"`` (authors' code, no 2 pi) or ``"paper"``."""
-        return "code_compat" if self.code_compat else "paper"
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-unit prune scores (``Delta F`` for BMRS rules), float64."""
@@ -597,7 +605,6 @@ class BMRSPruner:
         out = {
             "rule": self.rule,
             "delta_f_n_variant": self.delta_f_n_variant,
-            "code_compat": self.code_compat,
             "frozen": self.frozen,
             "layers": layers,
             "units_total": total,

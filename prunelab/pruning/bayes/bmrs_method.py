@@ -13,7 +13,8 @@ Protocol (the paper's continuous pruning, Alg. 1, and the authors' ``train.py``)
    posterior moves away.
 3. ``finish``: masks frozen; the evaluation-mode noise ``E[theta] * mask`` is folded into the weights
    (:func:`fold_noise`: BatchNorm affine parameters, or the producing Linear/Conv's rows and bias when the
-   noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0``), the noise is removed and the
+   noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0`` -- or, after any other activation
+   such as the authors' Tanh, the input columns of the layers that read the units), the noise is removed and the
    pruned units are removed physically (:func:`compact_folded`, the units' ``compact_units``). A unit
    coupled to others by a residual addition is removed only when every coupled unit is pruned; otherwise it
    stays, exactly zero, in the :class:`~prunelab.pruning.masks.MaskSet` that ``finish`` hands to fine-tuning.
@@ -37,6 +38,7 @@ from prunelab.pruning.bayes import bmrs as B
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.method import Finished, TrainingMethod, check_choice, train_set_size
 from prunelab.pruning.units.compact import compact_units
+from prunelab.pruning.units.groups import build_groups, unit_index
 from prunelab.pruning.units.layers import BN_TYPES, HOMOGENEOUS_TYPES
 from prunelab.training.hooks import TrainHook, masks_checksum
 
@@ -51,10 +53,21 @@ KL_SCALINGS = ("layer_mean", "elbo")
 
 
 def noise_sites(model: nn.Module, noises: dict[str, B.LogNormalNoise]) -> dict[str, dict[str, str]]:
-    """For every noise: ``{"fold": module whose output channels absorb E[theta]*mask (BatchNorm or Linear/
-    Conv), "producer": the Linear/Conv whose output channels are the units}``, from the noise's layer site
-    (:class:`~prunelab.pruning.units.sites.LayerSite`). Raises ``NotImplementedError`` where folding would
-    not be exact (a non-homogeneous activation, a BatchNorm without affine parameters)."""
+    """For every noise, where its evaluation-mode factor ``E[theta] * mask`` is folded, from the noise's layer
+    site (:class:`~prunelab.pruning.units.sites.LayerSite`): ``{"fold": module, "producer": the Linear/Conv
+    whose output channels are the units, "into": "rows" | "columns"}``.
+
+    - ``rows``: the factor multiplies the output channels of ``fold`` (the BatchNorm's affine parameters, or
+      the producing layer's rows and bias). Exact when the noise sits after the norm or the layer, or after a
+      positively homogeneous activation (``relu(c z) = c relu(z)`` for ``c >= 0``).
+    - ``columns``: after any other activation (Tanh, Sigmoid, GELU, ...) the factor cannot pass back through
+      the non-linearity, so it goes forward instead: into the input columns of every layer that reads the
+      units (the ``in`` members of the producer's dependency group, after a flatten or a pooling too). Exact
+      for any activation, because the noise multiplies the activation's output, and what lies between it and
+      the readers (pooling, flatten, dropout) commutes with a positive per-channel factor; :meth:`BMRSMethod.finish`
+      checks the folded network against the noisy one on a batch and refuses a fold that is not exact.
+
+    Raises ``NotImplementedError`` for a BatchNorm without affine parameters."""
     out = {}
     for name, noise in noises.items():
         site, target = noise.site, noise.attached_to
@@ -62,25 +75,44 @@ def noise_sites(model: nn.Module, noises: dict[str, B.LogNormalNoise]) -> dict[s
             raise NotImplementedError(f"BMRS: noise {name!r} has no layer site (not inserted by insert_noise)")
         m = model.get_submodule(target)
         if target == site.activation and not isinstance(m, HOMOGENEOUS_TYPES):
-            raise NotImplementedError(
-                f"BMRS: the noise after {type(m).__name__} {target!r} cannot be folded exactly into the weights"
-            )
+            out[name] = {"fold": site.layer, "producer": site.layer, "into": "columns"}
+            continue
         fold = site.norm if target != site.layer and site.norm is not None else site.layer
         fm = model.get_submodule(fold)
         if isinstance(fm, BN_TYPES) and (getattr(fm, "weight", None) is None or getattr(fm, "bias", None) is None):
             raise NotImplementedError(f"BMRS: BatchNorm {fold!r} without affine parameters")
-        out[name] = {"fold": fold, "producer": site.layer}
+        out[name] = {"fold": fold, "producer": site.layer, "into": "rows"}
     return out
 
 
 @torch.no_grad()
-def fold_noise(model: nn.Module, noises: dict[str, B.LogNormalNoise], sites: dict[str, dict[str, str]]) -> None:
-    """Multiply ``c = E[theta] * mask`` (the evaluation-mode noise) into each noise's fold module, in place:
-    BatchNorm ``weight, bias <- c * weight, c * bias``; Linear/Conv rows and bias ``<- c * ...`` (exact
-    because the noise follows a positively homogeneous activation). Call :func:`bmrs.remove_noise` after."""
+def fold_noise(model: nn.Module, noises: dict[str, B.LogNormalNoise], sites: dict[str, dict[str, str]],
+               example: torch.Tensor | None = None) -> None:
+    """Multiply ``c = E[theta] * mask`` (the evaluation-mode noise) into the weights, in place, where
+    :func:`noise_sites` says: ``rows``: BatchNorm ``weight, bias <- c * weight, c * bias``, Linear/Conv rows
+    and bias ``<- c * ...``; ``columns``: every reader's input columns ``W[:, j] <- c_u W[:, j]`` for the
+    columns ``j`` that read unit ``u`` (from the dependency groups traced on ``example``; needed only then).
+    Call :func:`bmrs.remove_noise` first (the groups are traced on the noise-free network)."""
+    groups = None
+    if any(v["into"] == "columns" for v in sites.values()):
+        if example is None:
+            raise ValueError("fold_noise: folding into the readers' columns needs an example input")
+        groups = {g.id: g for g in build_groups(model, example)}
     for name, noise in noises.items():
         c = (noise.expected_theta() * noise.mask.double()).to(torch.float64)
-        m = model.get_submodule(sites[name]["fold"])
+        where = sites[name]
+        if where["into"] == "columns":
+            group = groups.get(where["producer"])
+            if group is None or not group.consumers():
+                raise NotImplementedError(f"BMRS: no layer reads the units of {where['producer']!r}; "
+                                          "cannot fold the noise after its activation")
+            for member in group.consumers():
+                w = model.get_submodule(member.name).weight
+                idxs, roots = unit_index(member)
+                factor = c.to(w.device)[roots].view([1, -1] + [1] * (w.ndim - 2))
+                w[:, idxs] = (w[:, idxs].double() * factor).to(w.dtype)
+            continue
+        m = model.get_submodule(where["fold"])
         for pname in ("weight", "bias"):
             p = getattr(m, pname, None)
             if p is None:
@@ -160,8 +192,9 @@ class BMRSMethod(TrainingMethod):
 
     ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (reduced log-uniform prior on ``[2^-23, 2^-p]``, ``p`` = 8; 4
     prunes more), ``snr`` (``E[theta]/std[theta] < 1``), ``expected_theta`` (``E[theta] < 0.1``).
-    ``code_compat``: ``Delta F_N`` as in the authors' released code (no ``2 pi``; prunes more) instead of the
-    paper's formula. ``kl_scaling``: ``layer_mean`` (reference code: KL averaged within each layer, then across
+    ``delta_f_n``: ``code`` (default: ``Delta F_N`` as the authors' released code computes it, which reproduces
+    the published compression) or ``paper`` (Eq. 8 as printed, the exact free-energy change, which prunes
+    next to nothing; see :func:`~prunelab.pruning.bayes.bmrs.delta_f_n`). ``kl_scaling``: ``layer_mean`` (reference code: KL averaged within each layer, then across
     layers) or ``elbo`` (sum of KLs / number of training examples). ``log_a``, ``log_b``: bounds of
     ``log theta``; ``mu_init``, ``log_sigma_init``: posterior initialisation; ``placement``: see
     :func:`~prunelab.pruning.bayes.bmrs.insert_noise`; ``sample_mode``: see
@@ -174,7 +207,7 @@ class BMRSMethod(TrainingMethod):
     supports_one_shot = False
     prune_target, target_option = "none", None  # threshold-free: Delta F >= 0 decides
 
-    def __init__(self, rule: str = "bmrs_n", p: float = 8, code_compat: bool = False,
+    def __init__(self, rule: str = "bmrs_n", p: float = 8, delta_f_n: str = "code",
                  kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
                  log_sigma_init: float = -5.0, placement: str = "auto", sample_mode: str = "element",
                  noise_lr: float | None = None):
@@ -182,8 +215,7 @@ class BMRSMethod(TrainingMethod):
         check_choice("method.kl_scaling", kl_scaling, KL_SCALINGS)
         check_choice("method.placement", placement, B.PLACEMENTS)
         check_choice("method.sample_mode", sample_mode, B.SAMPLE_MODES)
-        if not isinstance(code_compat, bool):
-            raise ValueError(f"method.code_compat={code_compat!r}; allowed values: true, false")
+        check_choice("method.delta_f_n", delta_f_n, B.DELTA_F_N_VARIANTS)
         p = float(p)
         if not 0 < p < 23:
             raise ValueError(f"method.p={p}: the reduced support [2^-23, 2^-p] needs 0 < p < 23")
@@ -192,17 +224,13 @@ class BMRSMethod(TrainingMethod):
         if rule == "bmrs_u" and not float(log_a) <= -23 * math.log(2.0):
             raise ValueError(f"method.log_a={log_a}: bmrs_u needs log_a <= log(2^-23) = {-23 * math.log(2):.3f}")
         self.rule, self.name = rule, rule
-        self.p, self.code_compat, self.kl_scaling = p, code_compat, kl_scaling
+        self.p, self.delta_f_n_variant, self.kl_scaling = p, delta_f_n, kl_scaling
         self.log_a, self.log_b = float(log_a), float(log_b)
         self.mu_init, self.log_sigma_init = float(mu_init), float(log_sigma_init)
         self.placement, self.sample_mode = placement, sample_mode
         if noise_lr is not None and not float(noise_lr) > 0:
             raise ValueError(f"method.noise_lr={noise_lr}: must be null or > 0")
         self.noise_lr = None if noise_lr is None else float(noise_lr)
-
-    @property
-    def delta_f_n_variant(self) -> str:
-        return "code_compat" if self.code_compat else "paper"
 
     def target(self) -> tuple[float | None, str]:
         return None, self.rule
@@ -213,7 +241,7 @@ class BMRSMethod(TrainingMethod):
         shape = getattr(ctx, "input_shape", None)
         ref = next(model.parameters())
         example = torch.zeros(2, *shape, device=ref.device) if shape is not None else None
-        pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, code_compat=self.code_compat, model=model,
+        pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, delta_f_n_variant=self.delta_f_n_variant, model=model,
                               example=example)
         n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None
         return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
@@ -230,9 +258,14 @@ class BMRSMethod(TrainingMethod):
         noises = dict(pruner.noises)
         B.remove_noise(model)
         sites = noise_sites(model, noises)
-        fold_noise(model, noises, sites)
+        fold_noise(model, noises, sites, example)
         with torch.no_grad():
             fold_diff = float((model(example) - masked_out).abs().max())
+        if fold_diff > 1e-4 * max(1.0, float(masked_out.abs().max())):
+            raise RuntimeError(
+                f"BMRS: the folded network differs from the noisy one by {fold_diff:.3g} on a batch; an operation "
+                "between a noise and the layers it was folded into does not commute with a per-unit factor "
+                f"(folds: { {n: v['into'] for n, v in sites.items()} }); use method.placement=batchnorm")
         small, left, cinfo = compact_folded(model, masks, noises, example)
         small.eval()
         with torch.no_grad():
@@ -250,7 +283,7 @@ class BMRSMethod(TrainingMethod):
             "frac_units_removed": stats["frac_units_removed"],
             "params_total_with_noise": stats["params_total"], "params_removed": stats["params_removed"],
             "frac_params_removed": stats["frac_params_removed"],
-            "layers": {n: dict(v, fold=sites[n]["fold"]) for n, v in layers.items()},
+            "layers": {n: dict(v, fold=sites[n]["fold"], fold_into=sites[n]["into"]) for n, v in layers.items()},
             "history": hook.history, "fold_max_abs_diff": fold_diff, "compact_max_abs_diff": compact_diff,
             "units_removed_physically": cinfo["units_removed_physically"],
             "units_masked_not_removed": cinfo["units_masked_not_removed"],
