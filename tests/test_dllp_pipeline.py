@@ -142,7 +142,10 @@ def _hook(n_particles: int, seed: int = 0) -> tuple[DLLPHook, DLLPMethod]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
     method = DLLPMethod(particles=n_particles, sparsity=0.5, seed=seed)
-    dm = SimpleNamespace(split=lambda name: (torch.zeros(500, 6), torch.zeros(500)))
+    g = torch.Generator().manual_seed(seed)
+    dm = SimpleNamespace(split=lambda name: (torch.zeros(500, 6), torch.zeros(500)),
+                         score_batches=lambda n, bs=None: [(torch.randn(32, 6, generator=g),
+                                                            torch.randint(0, 3, (32,), generator=g)) for _ in range(n)])
     ctx = SimpleNamespace(sparsity=0.5, datamodule=dm)
     model, hook = method.attach(ctx, net, SimpleNamespace(pretrained=True))
     return hook, method
@@ -213,7 +216,11 @@ def test_eval_logits_is_log_of_mean_particle_probabilities():
     (["method.gate=x"], "method.gate='x'; allowed values: soft, hard"),
     (["method.granularity=filter"], "method.granularity='filter'; allowed values: unit, weight"),
     (["method.decision=x"], "method.decision='x'; allowed values: threshold, target"),
-    (["method.prior.importance=x"], "method.prior.importance='x'; allowed values: l2, bn"),
+    (["method.prior.importance=x"], "method.prior.importance='x'; allowed values: taylor, ablation, l2, bn"),
+    (["method.prior.batches=0"], "method.prior.batches=0"),
+    (["method.train_weights=maybe"], "method.train_weights='maybe'"),
+    (["method.budget_lr=-1"], "method.budget_lr=-1"),
+    (["method.granularity=weight", "method.prior.importance=ablation"], "method.prior.importance='ablation' needs"),
     (["method.tau.schedule=x"], "method.tau.schedule='x'; allowed values: geometric, linear"),
     (["+method.tau.foo=1"], "method.tau.foo is not an option"),
     (["method.particles=0"], "method.particles=0"),
