@@ -34,9 +34,16 @@ def test_pipeline_end_to_end_unit_granularity(make_cfg):
     for key in ("dllp_rho_se_mean", "dllp_undecided_fraction", "dllp_particle_sparsity_mean",
                 "dllp_particle_sparsity_sd", "dllp_ensemble_acc", "dllp_ensemble_nll", "dllp_ensemble_brier",
                 "dllp_ensemble_ece", "dllp_ensemble_entropy", "dllp_ensemble_mutual_info",
-                "dllp_particle_acc_mean", "dllp_particle_acc_sd", "dllp_agreement", "dllp_deployed_acc"):
+                "dllp_particle_acc_mean", "dllp_particle_acc_sd", "dllp_agreement", "dllp_deployed_acc",
+                "dllp_posterior_shift", "dllp_posterior_mode_flip_fraction", "dllp_posterior_kl",
+                "dllp_posterior_js", "dllp_particle_flip_fraction", "dllp_decision_vs_prior_fraction",
+                "dllp_budget_lam"):
         assert isinstance(final[key], float) and math.isfinite(final[key]), key
     assert len(rel["particle_sparsity"]) == 3
+    # how far the posterior moved from the prior, per layer and overall (defaults: taylor prior, W frozen)
+    shift = rel["posterior_shift"]
+    assert set(shift["layers"]) == set(rel["rho"]) and shift["mean_abs_diff"] == final["dllp_posterior_shift"]
+    assert rec["prior"]["importance"] == "taylor" and rec["train_weights"] is False
     assert set(rel["rho"]) == set(rel["rho_se"]) and len(rel["rho"]) == 3   # every conv/linear but the output
     rho = torch.tensor([r for v in rel["rho"].values() for r in v])
     se = torch.tensor([s for v in rel["rho_se"].values() for s in v])

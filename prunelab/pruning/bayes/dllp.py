@@ -24,17 +24,45 @@ Model
   default) does not have this problem.
   A convolution (or ``Linear``) immediately followed by a BatchNorm over the same channels is gated after the
   BatchNorm (gating before it would be normalised away). The classifier output layer is never gated.
-* Weights ``W`` are shared point estimates initialised from the pretrained dense network.
-* Prior from the vanilla network: per unit an importance ``I_u`` (L2 norm of the unit's incoming weights,
-  ``importance="l2"``, or ``|gamma_u|`` of its BatchNorm, ``"bn"``; ``|w|`` per weight), standardised in
-  log-space within its layer, ``s_u = (log I_u - mean_l) / sd_l``, and calibrated to a keep-probability
-  ``pi_u = clip(sigmoid(s_u / T + c), 0.05, 0.95)``. The common logit shift ``c`` is found by bisection so
-  that the prior's expected kept fraction ``sum_u pi_u / U`` meets ``target_density`` (``c = 0`` without
-  one). The prior on each logit is the two-component mixture
-  ``p(z_u) = pi_u N(z_u; +3, 1) + (1 - pi_u) N(z_u; -3, 1)`` (:func:`log_prior`), so ``P(z_u > 0)`` is
-  ``pi_u`` up to ``Phi(-3) = 0.00135``.
-* Target density per particle: ``log p(z | D) = (N / B) sum_{b in batch} log p(y_b | x_b, z, W) + log p(z)
-  + const`` (minibatch estimate of the full-data log posterior, ``N`` training examples).
+* Weights ``W``: the pretrained dense network's. ``method=dllp`` keeps them **frozen** by default
+  (``train_weights: false``; BatchNorm in eval mode, ``DLLPModel(bn_eval=True)``), so the posterior is over
+  which units *of the given network* the data needs; :meth:`DLLP.train_step` without ``w_opt`` does the same.
+  Why: the question the abstract asks is which part of the vanilla network is redundant; if ``W`` trains
+  alongside, the weights adapt to every particle's sub-network, the likelihood of a gate configuration is no
+  longer that of the given network, and gradient descent on ``W`` (and weight decay) is not invariant to
+  reparameterisation, so a function-preserving rescaling of a unit changes the trajectory and the decision.
+  ``train_weights: true`` is kept as an option (the pipeline's optimiser then steps ``W``).
+* Prior from the vanilla network: per unit an importance ``I_u``, standardised in log-space within its layer,
+  ``s_u = (log I_u - mean_l) / sd_l``, calibrated to a keep-probability
+  ``pi_u = clip(sigmoid(s_u / T + c), 0.05, 0.95)``; the common logit shift ``c`` is found by bisection so that
+  the prior's expected kept fraction ``sum_u pi_u / U`` meets ``target_density`` (``c = 0`` without one). The
+  prior on each logit is the two-component mixture ``p(z_u) = pi_u N(z_u; +3, 1) + (1 - pi_u) N(z_u; -3, 1)``
+  (:func:`log_prior`), so ``P(z_u > 0)`` is ``pi_u`` up to ``Phi(-3) = 0.00135``. Importances:
+
+  - function-based (:mod:`~prunelab.pruning.bayes.dllp_prior`, measured through the gates on a few fixed
+    training batches): ``taylor`` (default of ``method=dllp``; ``sqrt(mean_b (dE_b/dg_u)^2)`` at ``g = 1``) and
+    ``ablation`` (loss increase when the unit alone is removed). Both are **invariant** to a function-preserving
+    rescaling of a ReLU unit (incoming row and bias ``x c``, outgoing column ``x 1/c``): the loss is the same
+    function of the gates before and after it (``(1/c) W relu(g c a) = W relu(g a)``);
+  - magnitude-based: ``l2`` (incoming-weight norm; the default of the low-level :func:`attach_gates`, which may
+    have no data) and ``bn`` (``|gamma|``); multiplied by ``c`` under the rescaling, NOT invariant: a unit the
+    function needs can carry a tiny norm (issue #14), and then only the likelihood can rescue it.
+* Unit budget: the likelihood of a frozen network almost always prefers *more* units (every useful unit
+  lowers the loss by far more than the prior's at most ``logit(0.95) = 2.9`` nats), so without a constraint
+  the particles drift to dense sub-networks and ``rho`` says little about which units to remove at the
+  requested sparsity. With ``density`` (``method=dllp``: ``1 - sparsity``, ``budget_lr > 0``) the target is
+  tilted, ``log p(z | D) + log_budget(z)`` with ``log_budget = -lam * data_weight * N * (sum_u g_u / U)``:
+  the I-projection of the posterior onto ``{E[kept fraction] = density}`` is the exponentially tilted posterior
+  (maximum entropy), and its multiplier ``lam >= 0`` is found by dual ascent during the run,
+  ``lam <- max(0, lam + budget_lr (mean_m kept fraction_m - density))`` after every particle step
+  (:meth:`DLLP.update_dual`). Each particle then is a sub-network at about the requested size that the data
+  likes, and ``rho`` ranks units by how many of them need the unit. Particles are identical across DDP ranks,
+  so is ``lam``.
+* Target density per particle: ``log p(z | D) = data_weight (N / B) sum_{b in batch} log p(y_b | x_b, z, W) +
+  log p(z) + log_budget(z) + const`` (minibatch estimate of the full-data log posterior, ``N`` training
+  examples). The data term is invariant to the rescaling above for the same reason as the importances; with
+  a function-based prior and ``W`` frozen every term is, so the decisions are (up to floating-point
+  rounding) the same for the net and its rescaled twin, seed for seed (``tests/test_dllp.py``).
 
 Inference
 ---------
@@ -42,23 +70,25 @@ Inference
 step :meth:`DLLP.svgd_step` computes ``grad_z log p(z_m | D)`` for every particle with one autograd call
 (particles are independent in the batched forward, so the gradient of the sum is the per-particle gradient)
 and sets ``z.grad = -phi`` with the SVGD direction ``phi`` (:mod:`prunelab.pruning.bayes.svgd`, RBF kernel,
-median bandwidth, one kernel per layer block), for a torch optimiser (Adam, lr 1e-2 by default). The shared
-weights take one optimiser step on the cross-entropy averaged over particles (:meth:`DLLP.loss_weights`),
-from the same forward pass (a simultaneous update of ``z`` and ``W``; :meth:`DLLP.train_step`).
+median bandwidth, one kernel per layer block), for a torch optimiser (Adam; ``method=dllp``: lr 0.1). With a
+weight optimiser (``train_weights``) the shared weights take one step on the cross-entropy averaged over
+particles (:meth:`DLLP.loss_weights`), from the same forward pass (:meth:`DLLP.train_step`).
 
 All particles share one forward pass (:class:`DLLPModel`): the batch is repeated ``M`` times along the batch
 dimension (particle-major: row ``m * B + b``), and forward hooks on the gated modules multiply the output by
 the particle's gates, broadcast as ``(M, 1, U, 1, 1)`` over the ``(M, B, U, H, W)`` view. In training mode
 BatchNorm statistics are computed per particle (each particle's batch normalised on its own, exactly as in
-``M`` separate forwards), and the running statistics move by the average of the particles' batch statistics.
+``M`` separate forwards), and the running statistics move by the average of the particles' batch statistics
+(unless ``bn_eval``: then BatchNorm uses its running statistics, as the deployed network will).
 
-Known behaviour (measured on small MLPs): SVGD with one RBF kernel per layer does not move particles between
-the prior's well-separated modes (``+-3``); the mode weights are set early, by the initial particles, and then
-kept. Hence the default initialisation from the prior, whose draws already carry ``rho ~ pi``; from
-``N(0, 0.2^2)`` (near the saddle) the kernel-smoothed flow splits particles in proportion to ``pi``. With few
-particles and a sharp likelihood (``N / B`` scale) the kernel-smoothed driving term moves particles as a herd,
-so ``rho`` is coarse (multiples of ``1 / M``) and noisy: the reliability report exposes this (standard
-errors, undecided fraction).
+Measured behaviour (issue #14). With the former defaults (``l2`` prior, ``W`` trained, Adam lr 0.01 on
+the particles, no budget) SVGD flipped only 0.4-3.4 % of the particle signs: Adam moves a logit by about
+``lr`` per step, so crossing from a prior mode (``+-3``) to 0 takes ~300 consistent steps, and once ``tau``
+is small the gates saturate and the data gradient vanishes; the decisions were the magnitude rule's on
+70-80 % of units. With lr 0.1, ``W`` frozen and the budget tilt the likelihood moves particles (about 20 % of
+the signs flip on a digits MLP in 300 steps; ``posterior_shift`` reports it). SVGD with one RBF kernel per
+layer still moves particles as a herd when the likelihood is sharp, so ``rho`` is coarse (multiples of
+``1 / M``): the reliability report exposes this (standard errors, undecided fraction).
 
 Decision and reliability
 ------------------------
@@ -68,7 +98,10 @@ giving ONE pruned network (:meth:`DLLP.masks`, :meth:`DLLP.pruned_model`) that t
 :meth:`DLLP.reliability` reports ``rho`` with its binomial standard error ``sqrt(rho (1 - rho) / M)``, the
 fraction of undecided units (``0.2 < rho < 0.8``), per-particle sparsity, the particle ensemble's predictive
 metrics (:func:`prunelab.metrics.reliability.ensemble_metrics`: accuracy, NLL, Brier, ECE, entropy, BALD
-mutual information, per-particle accuracy) and the agreement of the deployed pruned network with the ensemble.
+mutual information, per-particle accuracy), the agreement of the deployed pruned network with the ensemble, and
+:meth:`DLLP.posterior_shift` (how far ``rho`` moved from ``pi``: mean ``|rho - pi|``, prior-mode flips, KL and
+JS between ``Bernoulli(rho)`` and ``Bernoulli(pi)``, particle sign flips since initialisation, decided units
+that differ from the prior's own top units).
 """
 
 from __future__ import annotations

@@ -8,11 +8,20 @@ Pruning stage (``schedule.epochs`` epochs from the pretrained dense network, ``s
 
 * :meth:`DLLPMethod.attach` wraps the network with ``M = particles`` particles of gate logits
   (:func:`~prunelab.pruning.bayes.dllp.attach_gates`): prior keep-probabilities from the vanilla network's
-  importance (``prior.importance``: ``l2`` incoming-weight norm or ``bn`` ``|gamma|``), shifted so that the
-  prior's expected kept fraction is ``1 - sparsity`` (``method.sparsity``, by default ``prune.sparsity``).
+  importance (``prior.importance``: ``taylor`` (default) or ``ablation``, function-based, measured through the
+  gates on ``prior.batches`` fixed training batches (``datamodule.score_batches``: the same on every rank) and
+  invariant to function-preserving rescaling of a unit; or the magnitude-based ``l2`` incoming-weight norm /
+  ``bn`` ``|gamma|``, which are not), shifted so that the prior's expected kept fraction is ``1 - sparsity``
+  (``method.sparsity``, by default ``prune.sparsity``).
+* ``train_weights: false`` (default): ``W`` is frozen for the stage (``requires_grad`` off, restored in
+  :meth:`DLLPMethod.finish`; BatchNorm in eval mode), the posterior is over units of the given network (see
+  :mod:`~prunelab.pruning.bayes.dllp`). ``budget_lr > 0`` (default 0.5): the target is tilted by
+  ``-lam N kept_fraction`` with ``lam`` found by dual ascent so that each particle keeps about ``1 - sparsity``
+  of the units (``lam`` travels in the hook's checkpoint state).
 * Every training step (:class:`DLLPHook`) runs ONE batched forward of all particles (logits ``(M, B, C)``):
 
-  - ``hook.loss``: the loss for the shared weights ``W`` is the cross-entropy averaged over particles; from the
+  - ``hook.loss``: the loss for the shared weights ``W`` (trained only with ``train_weights: true``) is the
+    cross-entropy averaged over particles; from the
     same graph (``torch.autograd.grad``, graph retained) it takes ``dS/dz`` with
     ``S = sum_m sum_b log p(y_b | x_b, z_m, W)``;
   - ``after_backward``: under DDP ``dS/dz`` is averaged across ranks (``module.all_reduce_mean``: each rank's
