@@ -540,3 +540,140 @@ def test_agreement() -> None:
     assert agreement(scores, a) == 1.0
     with pytest.raises(ValueError):
         agreement(a, torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# decisions from the posterior over which units the data needs (issue #14)
+# --------------------------------------------------------------------------------------------------------
+def _decide(net: nn.Module, train: tuple, seed: int, sparsity: float, steps: int = 150, importance: str = "taylor"):
+    """DLLP with the method's defaults (function prior, W frozen, unit-budget tilt, Adam lr 0.1 on the particles,
+    decision=target) on a deep copy of ``net``: ``(unit masks, controller)``."""
+    net = copy.deepcopy(net)
+    gen = torch.Generator().manual_seed(seed)
+    n, b = len(train[1]), 128
+    batches = [(train[0][i * b : (i + 1) * b], train[1][i * b : (i + 1) * b]) for i in range(4)]
+    dm = attach_gates(net, importance=importance, n_particles=10, target_density=1 - sparsity, generator=gen,
+                      data=batches)
+    dl = DLLP(dm, n_train=n, density=1 - sparsity, dual_lr=0.5)
+    opt = dl.particle_optimizer(lr=0.1)
+    for s in range(steps):
+        dl.set_progress(s / steps)
+        idx = torch.randint(0, n, (b,), generator=gen)
+        dl.train_step(train[0][idx], train[1][idx], opt)
+    return dl.unit_masks(target_sparsity=sparsity), dl
+
+
+def _rescale_unit(net: nn.Sequential, layer: int, unit: int, c: float) -> nn.Sequential:
+    """Copy of ``net`` with ReLU unit ``unit`` of ``net[layer]`` rescaled: incoming row and bias x c, outgoing
+    column (``net[layer + 2]``) x 1/c -- the same function."""
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        out[layer].weight[unit] *= c
+        out[layer].bias[unit] *= c
+        out[layer + 2].weight[:, unit] /= c
+    return out
+
+
+def test_decisions_invariant_to_function_preserving_rescaling() -> None:
+    """Property 1: the same seed gives the same decided masks for a net and its rescaled twin (float64), where
+    the magnitude prior (l2) differs between the two."""
+    for seed in range(5):
+        net, train, test = _necessary_unit_task(seed)
+        net = net.double()
+        train = (train[0].double(), train[1])
+        twin = _rescale_unit(_rescale_unit(net, 0, 0, 100.0), 0, 5, 0.05)
+        with torch.no_grad():
+            assert torch.allclose(net(test[0].double()), twin(test[0].double()), atol=1e-9)
+        ka, da = _decide(net, train, seed, 0.5)
+        kb, db = _decide(twin, train, seed, 0.5)
+        assert torch.equal(ka["0"], kb["0"]), seed
+        assert torch.allclose(da.model.prior()["0"], db.model.prior()["0"], atol=1e-6)
+        # the magnitude prior is not invariant: it sees unit 0 at the floor in one net and not in the other
+        assert not torch.allclose(prior_keep_prob(net, "l2")["0"], prior_keep_prob(twin, "l2")["0"], atol=0.05)
+
+
+def test_small_but_necessary_unit_kept_in_nine_of_ten_seeds() -> None:
+    """Property 2: unit 0 (incoming weights x 0.01, outgoing x 100, the only unit that sees x0) survives
+    keeping half the hidden units, in >= 9 of 10 seeds; the likelihood moved the particles off their prior draws."""
+    kept, flips = 0, []
+    for seed in range(10):
+        net, train, _ = _necessary_unit_task(seed)
+        assert int(net[0].weight.detach().norm(dim=1).argmin()) == 0  # smallest incoming norm
+        keep, dl = _decide(net, train, seed, 0.5)
+        assert int(keep["0"].sum()) == 4  # decision=target meets the sparsity exactly
+        kept += int(keep["0"][0])
+        flips.append(dl.posterior_shift(keep)["particle_flip_fraction"])
+    assert kept >= 9
+    assert sum(flips) / len(flips) > 0.02
+
+
+def _digits_mlp(seed: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
+    torch.manual_seed(seed)
+    net = _mlp((64, 48, 32, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(600):
+        idx = torch.randint(0, 1400, (64,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(train[0][idx]), train[1][idx]).backward()
+        opt.step()
+    return net, train, test
+
+
+def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
+    """Property 3: 70 % of the 80 hidden units of a digits MLP removed; before any fine-tuning, DLLP's deployed
+    network is more accurate than removing, in each layer, the same number of units of smallest incoming L2 norm
+    (measured over seeds 0-2: 0.50-0.68 vs 0.35-0.40; required: better on average by 0.05 and in 2 of 3 seeds)."""
+    wins, gap = 0, 0.0
+    for seed in range(3):
+        net, train, test = _digits_mlp(seed)
+        keep, dl = _decide(net, train, seed, 0.7, steps=300)
+        counts = {n: int(k.sum()) for n, k in keep.items()}
+        assert sum(counts.values()) == round(0.3 * 80)
+        l2 = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, k in counts.items():
+                layer = l2.get_submodule(name)
+                mask = torch.zeros(layer.out_features, dtype=torch.bool)
+                mask[layer.weight.norm(dim=1).argsort(descending=True)[:k]] = True
+                layer.weight.mul_(mask[:, None])
+                layer.bias.mul_(mask)
+        a_dllp, a_l2 = _acc(dl.pruned_model(keep=keep), test), _acc(l2, test)
+        wins += a_dllp > a_l2
+        gap += (a_dllp - a_l2) / 3
+    assert wins >= 2 and gap > 0.05
+
+
+def test_posterior_shift_report() -> None:
+    """Property 4: the shift from the prior, by hand: pi = 0.8 for two units and 0.2 for two."""
+    net = _mlp((5, 4, 3))
+    dm = attach_gates(net, n_particles=4, generator=torch.Generator().manual_seed(0))
+    dl = DLLP(dm)
+    pi = torch.tensor([0.8, 0.8, 0.2, 0.2])
+    dm.prior_pi_0.copy_(pi)
+    with torch.no_grad():
+        z = dl.particle_parameters()[0]
+        dm.init_on_0.copy_(torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.bool))
+        z.copy_(torch.tensor([[2.0, 2, 2, -2], [2, 2, 2, -2], [2, -2, 2, -2], [2, -2, -2, -2]]))
+    keep = dl.unit_masks(target_sparsity=0.5)          # rho = [1, 0.5, 0.75, 0] -> units 0 and 2
+    rep = dl.posterior_shift(keep)
+    rho = torch.tensor([1.0, 0.5, 0.75, 0.0], dtype=torch.float64)
+    assert rep["mean_abs_diff"] == pytest.approx(float((rho - pi.double()).abs().mean()), abs=1e-6)
+    assert rep["mode_flip_fraction"] == pytest.approx(0.25)            # unit 2: prior off, posterior on
+    assert rep["particle_flip_fraction"] == pytest.approx(5 / 16)        # 2 ons -> off, 3 offs -> on
+    assert rep["decision_vs_prior_fraction"] == pytest.approx(0.5)       # prior keeps 0, 1; posterior 0, 2
+    p, r = pi.double(), rho.clamp(1e-6, 1 - 1e-6)
+    kl = (r * (r / p).log() + (1 - r) * ((1 - r) / (1 - p)).log()).mean()
+    assert rep["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert 0 < rep["js"] < math.log(2)
+    assert rep["layers"]["0"]["mean_abs_diff"] == pytest.approx(rep["mean_abs_diff"])
+    assert dl.posterior_shift()["mean_abs_diff"] == rep["mean_abs_diff"] and "decision_vs_prior_fraction" not in dl.posterior_shift()
+    rel = dl.reliability(_toy_batch(20, 5, 3), keep=keep)
+    assert rel["posterior_shift"]["mode_flip_fraction"] == pytest.approx(0.25)
+    json.dumps(rel)

@@ -34,9 +34,16 @@ def test_pipeline_end_to_end_unit_granularity(make_cfg):
     for key in ("dllp_rho_se_mean", "dllp_undecided_fraction", "dllp_particle_sparsity_mean",
                 "dllp_particle_sparsity_sd", "dllp_ensemble_acc", "dllp_ensemble_nll", "dllp_ensemble_brier",
                 "dllp_ensemble_ece", "dllp_ensemble_entropy", "dllp_ensemble_mutual_info",
-                "dllp_particle_acc_mean", "dllp_particle_acc_sd", "dllp_agreement", "dllp_deployed_acc"):
+                "dllp_particle_acc_mean", "dllp_particle_acc_sd", "dllp_agreement", "dllp_deployed_acc",
+                "dllp_posterior_shift", "dllp_posterior_mode_flip_fraction", "dllp_posterior_kl",
+                "dllp_posterior_js", "dllp_particle_flip_fraction", "dllp_decision_vs_prior_fraction",
+                "dllp_budget_lam"):
         assert isinstance(final[key], float) and math.isfinite(final[key]), key
     assert len(rel["particle_sparsity"]) == 3
+    # how far the posterior moved from the prior, per layer and overall (defaults: taylor prior, W frozen)
+    shift = rel["posterior_shift"]
+    assert set(shift["layers"]) == set(rel["rho"]) and shift["mean_abs_diff"] == final["dllp_posterior_shift"]
+    assert rec["prior"]["importance"] == "taylor" and rec["train_weights"] is False
     assert set(rel["rho"]) == set(rel["rho_se"]) and len(rel["rho"]) == 3   # every conv/linear but the output
     rho = torch.tensor([r for v in rel["rho"].values() for r in v])
     se = torch.tensor([s for v in rel["rho_se"].values() for s in v])
@@ -142,7 +149,10 @@ def _hook(n_particles: int, seed: int = 0) -> tuple[DLLPHook, DLLPMethod]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
     method = DLLPMethod(particles=n_particles, sparsity=0.5, seed=seed)
-    dm = SimpleNamespace(split=lambda name: (torch.zeros(500, 6), torch.zeros(500)))
+    g = torch.Generator().manual_seed(seed)
+    dm = SimpleNamespace(split=lambda name: (torch.zeros(500, 6), torch.zeros(500)),
+                         score_batches=lambda n, bs=None: [(torch.randn(32, 6, generator=g),
+                                                            torch.randint(0, 3, (32,), generator=g)) for _ in range(n)])
     ctx = SimpleNamespace(sparsity=0.5, datamodule=dm)
     model, hook = method.attach(ctx, net, SimpleNamespace(pretrained=True))
     return hook, method
@@ -213,7 +223,11 @@ def test_eval_logits_is_log_of_mean_particle_probabilities():
     (["method.gate=x"], "method.gate='x'; allowed values: soft, hard"),
     (["method.granularity=filter"], "method.granularity='filter'; allowed values: unit, weight"),
     (["method.decision=x"], "method.decision='x'; allowed values: threshold, target"),
-    (["method.prior.importance=x"], "method.prior.importance='x'; allowed values: l2, bn"),
+    (["method.prior.importance=x"], "method.prior.importance='x'; allowed values: taylor, ablation, l2, bn"),
+    (["method.prior.batches=0"], "method.prior.batches=0"),
+    (["method.train_weights=maybe"], "method.train_weights='maybe'"),
+    (["method.budget_lr=-1"], "method.budget_lr=-1"),
+    (["method.granularity=weight", "method.prior.importance=ablation"], "method.prior.importance='ablation' needs"),
     (["method.tau.schedule=x"], "method.tau.schedule='x'; allowed values: geometric, linear"),
     (["+method.tau.foo=1"], "method.tau.foo is not an option"),
     (["method.particles=0"], "method.particles=0"),

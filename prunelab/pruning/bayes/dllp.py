@@ -24,17 +24,45 @@ Model
   default) does not have this problem.
   A convolution (or ``Linear``) immediately followed by a BatchNorm over the same channels is gated after the
   BatchNorm (gating before it would be normalised away). The classifier output layer is never gated.
-* Weights ``W`` are shared point estimates initialised from the pretrained dense network.
-* Prior from the vanilla network: per unit an importance ``I_u`` (L2 norm of the unit's incoming weights,
-  ``importance="l2"``, or ``|gamma_u|`` of its BatchNorm, ``"bn"``; ``|w|`` per weight), standardised in
-  log-space within its layer, ``s_u = (log I_u - mean_l) / sd_l``, and calibrated to a keep-probability
-  ``pi_u = clip(sigmoid(s_u / T + c), 0.05, 0.95)``. The common logit shift ``c`` is found by bisection so
-  that the prior's expected kept fraction ``sum_u pi_u / U`` meets ``target_density`` (``c = 0`` without
-  one). The prior on each logit is the two-component mixture
-  ``p(z_u) = pi_u N(z_u; +3, 1) + (1 - pi_u) N(z_u; -3, 1)`` (:func:`log_prior`), so ``P(z_u > 0)`` is
-  ``pi_u`` up to ``Phi(-3) = 0.00135``.
-* Target density per particle: ``log p(z | D) = (N / B) sum_{b in batch} log p(y_b | x_b, z, W) + log p(z)
-  + const`` (minibatch estimate of the full-data log posterior, ``N`` training examples).
+* Weights ``W``: the pretrained dense network's. ``method=dllp`` keeps them **frozen** by default
+  (``train_weights: false``; BatchNorm in eval mode, ``DLLPModel(bn_eval=True)``), so the posterior is over
+  which units *of the given network* the data needs; :meth:`DLLP.train_step` without ``w_opt`` does the same.
+  Why: the question the abstract asks is which part of the vanilla network is redundant; if ``W`` trains
+  alongside, the weights adapt to every particle's sub-network, the likelihood of a gate configuration is no
+  longer that of the given network, and gradient descent on ``W`` (and weight decay) is not invariant to
+  reparameterisation, so a function-preserving rescaling of a unit changes the trajectory and the decision.
+  ``train_weights: true`` is kept as an option (the pipeline's optimiser then steps ``W``).
+* Prior from the vanilla network: per unit an importance ``I_u``, standardised in log-space within its layer,
+  ``s_u = (log I_u - mean_l) / sd_l``, calibrated to a keep-probability
+  ``pi_u = clip(sigmoid(s_u / T + c), 0.05, 0.95)``; the common logit shift ``c`` is found by bisection so that
+  the prior's expected kept fraction ``sum_u pi_u / U`` meets ``target_density`` (``c = 0`` without one). The
+  prior on each logit is the two-component mixture ``p(z_u) = pi_u N(z_u; +3, 1) + (1 - pi_u) N(z_u; -3, 1)``
+  (:func:`log_prior`), so ``P(z_u > 0)`` is ``pi_u`` up to ``Phi(-3) = 0.00135``. Importances:
+
+  - function-based (:mod:`~prunelab.pruning.bayes.dllp_prior`, measured through the gates on a few fixed
+    training batches): ``taylor`` (default of ``method=dllp``; ``sqrt(mean_b (dE_b/dg_u)^2)`` at ``g = 1``) and
+    ``ablation`` (loss increase when the unit alone is removed). Both are **invariant** to a function-preserving
+    rescaling of a ReLU unit (incoming row and bias ``x c``, outgoing column ``x 1/c``): the loss is the same
+    function of the gates before and after it (``(1/c) W relu(g c a) = W relu(g a)``);
+  - magnitude-based: ``l2`` (incoming-weight norm; the default of the low-level :func:`attach_gates`, which may
+    have no data) and ``bn`` (``|gamma|``); multiplied by ``c`` under the rescaling, NOT invariant: a unit the
+    function needs can carry a tiny norm (issue #14), and then only the likelihood can rescue it.
+* Unit budget: the likelihood of a frozen network almost always prefers *more* units (every useful unit
+  lowers the loss by far more than the prior's at most ``logit(0.95) = 2.9`` nats), so without a constraint
+  the particles drift to dense sub-networks and ``rho`` says little about which units to remove at the
+  requested sparsity. With ``density`` (``method=dllp``: ``1 - sparsity``, ``budget_lr > 0``) the target is
+  tilted, ``log p(z | D) + log_budget(z)`` with ``log_budget = -lam * data_weight * N * (sum_u g_u / U)``:
+  the I-projection of the posterior onto ``{E[kept fraction] = density}`` is the exponentially tilted posterior
+  (maximum entropy), and its multiplier ``lam >= 0`` is found by dual ascent during the run,
+  ``lam <- max(0, lam + budget_lr (mean_m kept fraction_m - density))`` after every particle step
+  (:meth:`DLLP.update_dual`). Each particle then is a sub-network at about the requested size that the data
+  likes, and ``rho`` ranks units by how many of them need the unit. Particles are identical across DDP ranks,
+  so is ``lam``.
+* Target density per particle: ``log p(z | D) = data_weight (N / B) sum_{b in batch} log p(y_b | x_b, z, W) +
+  log p(z) + log_budget(z) + const`` (minibatch estimate of the full-data log posterior, ``N`` training
+  examples). The data term is invariant to the rescaling above for the same reason as the importances; with
+  a function-based prior and ``W`` frozen every term is, so the decisions are (up to floating-point
+  rounding) the same for the net and its rescaled twin, seed for seed (``tests/test_dllp.py``).
 
 Inference
 ---------
@@ -42,23 +70,25 @@ Inference
 step :meth:`DLLP.svgd_step` computes ``grad_z log p(z_m | D)`` for every particle with one autograd call
 (particles are independent in the batched forward, so the gradient of the sum is the per-particle gradient)
 and sets ``z.grad = -phi`` with the SVGD direction ``phi`` (:mod:`prunelab.pruning.bayes.svgd`, RBF kernel,
-median bandwidth, one kernel per layer block), for a torch optimiser (Adam, lr 1e-2 by default). The shared
-weights take one optimiser step on the cross-entropy averaged over particles (:meth:`DLLP.loss_weights`),
-from the same forward pass (a simultaneous update of ``z`` and ``W``; :meth:`DLLP.train_step`).
+median bandwidth, one kernel per layer block), for a torch optimiser (Adam; ``method=dllp``: lr 0.1). With a
+weight optimiser (``train_weights``) the shared weights take one step on the cross-entropy averaged over
+particles (:meth:`DLLP.loss_weights`), from the same forward pass (:meth:`DLLP.train_step`).
 
 All particles share one forward pass (:class:`DLLPModel`): the batch is repeated ``M`` times along the batch
 dimension (particle-major: row ``m * B + b``), and forward hooks on the gated modules multiply the output by
 the particle's gates, broadcast as ``(M, 1, U, 1, 1)`` over the ``(M, B, U, H, W)`` view. In training mode
 BatchNorm statistics are computed per particle (each particle's batch normalised on its own, exactly as in
-``M`` separate forwards), and the running statistics move by the average of the particles' batch statistics.
+``M`` separate forwards), and the running statistics move by the average of the particles' batch statistics
+(unless ``bn_eval``: then BatchNorm uses its running statistics, as the deployed network will).
 
-Known behaviour (measured on small MLPs): SVGD with one RBF kernel per layer does not move particles between
-the prior's well-separated modes (``+-3``); the mode weights are set early, by the initial particles, and then
-kept. Hence the default initialisation from the prior, whose draws already carry ``rho ~ pi``; from
-``N(0, 0.2^2)`` (near the saddle) the kernel-smoothed flow splits particles in proportion to ``pi``. With few
-particles and a sharp likelihood (``N / B`` scale) the kernel-smoothed driving term moves particles as a herd,
-so ``rho`` is coarse (multiples of ``1 / M``) and noisy: the reliability report exposes this (standard
-errors, undecided fraction).
+Measured behaviour (issue #14). With the former defaults (``l2`` prior, ``W`` trained, Adam lr 0.01 on
+the particles, no budget) SVGD flipped only 0.4-3.4 % of the particle signs: Adam moves a logit by about
+``lr`` per step, so crossing from a prior mode (``+-3``) to 0 takes ~300 consistent steps, and once ``tau``
+is small the gates saturate and the data gradient vanishes; the decisions were the magnitude rule's on
+70-80 % of units. With lr 0.1, ``W`` frozen and the budget tilt the likelihood moves particles (about 20 % of
+the signs flip on a digits MLP in 300 steps; ``posterior_shift`` reports it). SVGD with one RBF kernel per
+layer still moves particles as a herd when the likelihood is sharp, so ``rho`` is coarse (multiples of
+``1 / M``): the reliability report exposes this (standard errors, undecided fraction).
 
 Decision and reliability
 ------------------------
@@ -68,7 +98,10 @@ giving ONE pruned network (:meth:`DLLP.masks`, :meth:`DLLP.pruned_model`) that t
 :meth:`DLLP.reliability` reports ``rho`` with its binomial standard error ``sqrt(rho (1 - rho) / M)``, the
 fraction of undecided units (``0.2 < rho < 0.8``), per-particle sparsity, the particle ensemble's predictive
 metrics (:func:`prunelab.metrics.reliability.ensemble_metrics`: accuracy, NLL, Brier, ECE, entropy, BALD
-mutual information, per-particle accuracy) and the agreement of the deployed pruned network with the ensemble.
+mutual information, per-particle accuracy), the agreement of the deployed pruned network with the ensemble, and
+:meth:`DLLP.posterior_shift` (how far ``rho`` moved from ``pi``: mean ``|rho - pi|``, prior-mode flips, KL and
+JS between ``Bernoulli(rho)`` and ``Bernoulli(pi)``, particle sign flips since initialisation, decided units
+that differ from the prior's own top units).
 """
 
 from __future__ import annotations
@@ -86,6 +119,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunelab.metrics.reliability import agreement, ensemble_metrics
+from prunelab.pruning.bayes.dllp_prior import FUNCTION_IMPORTANCES, floored, function_importance
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
 from prunelab.pruning.units.layers import BN_TYPES
 from prunelab.pruning.units.sites import LayerSite, attach, layer_sites
@@ -111,7 +145,8 @@ PRIOR_MEAN = 3.0
 PRIOR_STD = 1.0
 PRIOR_CLIP = (0.05, 0.95)
 GRANULARITIES = ("unit", "weight")
-IMPORTANCES = ("l2", "bn")
+MAGNITUDE_IMPORTANCES = ("l2", "bn")
+IMPORTANCES = FUNCTION_IMPORTANCES + MAGNITUDE_IMPORTANCES
 GATE_MODES = ("soft", "ste", "hard")
 
 
@@ -171,13 +206,14 @@ def find_gate_sites(
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def unit_importance(site: GateSite, importance: str = "l2") -> Tensor:
-    """Pretrained importance per gated unit (float64, shape ``(units,)``).
+    """Magnitude importance per gated unit (float64, shape ``(units,)``); not invariant to function-preserving
+    rescaling (the data-driven ``taylor``/``ablation`` are :func:`~.dllp_prior.function_importance`).
 
     ``"l2"``: L2 norm of the unit's incoming weights (a row of a ``Linear`` weight, a filter of a conv);
     ``"bn"``: ``|gamma|`` of the paired BatchNorm (L2 for a layer without one). Per-weight gates: ``|w|``.
     """
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if importance not in MAGNITUDE_IMPORTANCES:
+        raise ValueError(f"magnitude importance must be one of {MAGNITUDE_IMPORTANCES}, got {importance!r}")
     w = site.layer.weight.detach().double()
     if site.granularity == "weight":
         if importance == "bn":
@@ -243,15 +279,23 @@ def prior_keep_prob(
     clip: tuple[float, float] = PRIOR_CLIP,
     granularity: str = "unit",
     exclude: Iterable[str] = (),
+    values: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Prior keep-probabilities ``pi_u`` per gate site (float32, keyed by the layer's module name).
 
     ``pi_u = clip(sigmoid(s_u / temperature + c), 0.05, 0.95)`` with ``s_u`` the within-layer standardised
-    log-importance (:func:`unit_importance`) and ``c`` the common shift meeting ``target_density``
-    (the expected kept fraction over all gated units; ``c = 0`` when ``None``).
+    log-importance and ``c`` the common shift meeting ``target_density`` (the expected kept fraction over all
+    gated units; ``c = 0`` when ``None``). Importances: ``values`` (precomputed per layer, e.g. the
+    function-based :func:`~.dllp_prior.function_importance`, floored by :func:`~.dllp_prior.floored`), else the
+    magnitude :func:`unit_importance` of ``importance`` (``l2``/``bn``).
     """
     sites = find_gate_sites(model, granularity, exclude) if isinstance(model, nn.Module) else list(model)
-    scores = [_standardised_log(unit_importance(s, importance)) for s in sites]
+    if values is not None:
+        scores = [_standardised_log(floored(values[s.name].double())) for s in sites]
+    elif importance in FUNCTION_IMPORTANCES:
+        raise ValueError(f"importance={importance!r} is measured on data: pass values= (function_importance)")
+    else:
+        scores = [_standardised_log(unit_importance(s, importance)) for s in sites]
     shift = 0.0
     if target_density is not None:
         if not 0.0 < target_density < 1.0:
@@ -427,6 +471,7 @@ class DLLPModel(nn.Module):
         tau: float = 1.0,
         gate_mode: str = "soft",
         particle_bn: bool = True,
+        bn_eval: bool = False,
     ):
         super().__init__()
         if gate_mode not in GATE_MODES:
@@ -437,12 +482,26 @@ class DLLPModel(nn.Module):
         self.particles = gates
         for i, s in enumerate(self.sites):
             self.register_buffer(f"prior_pi_{i}", prior[s.name].detach().float().clone())
+            # which particles started with the unit on (for the posterior-shift report: sign flips)
+            self.register_buffer(f"init_on_{i}", (gates[s.name].detach() > 0).clone())
         self.tau = float(tau)
         self.gate_mode = gate_mode
         self.particle_bn = bool(particle_bn)
+        self.bn_eval = bool(bn_eval)
+        self.prior_importance: dict[str, Tensor] | None = None   # function-based importances, when measured
         self._ctx: _Context | None = None
         self._handles: list[Any] = []
         self._install_hooks()
+
+    def train(self, mode: bool = True) -> DLLPModel:
+        """``nn.Module.train``; with ``bn_eval`` the wrapped network's BatchNorm layers stay in eval mode (the
+        posterior is then over gates of the *given* function: running statistics, as deployed)."""
+        super().train(mode)
+        if self.bn_eval:
+            for m in self.model.modules():
+                if isinstance(m, BN_TYPES):
+                    m.eval()
+        return self
 
     # hooks --------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -499,6 +558,10 @@ class DLLPModel(nn.Module):
         """Prior keep-probabilities ``pi`` per gated layer."""
         return {s.name: getattr(self, f"prior_pi_{i}") for i, s in enumerate(self.sites)}
 
+    def initial_on(self) -> dict[str, Tensor]:
+        """``z > 0`` of the particles when they were created, ``(M, units)`` bool per gated layer."""
+        return {s.name: getattr(self, f"init_on_{i}") for i, s in enumerate(self.sites)}
+
     def particle_gates(self, mode: str | None = None) -> dict[str, Tensor]:
         """Current gates ``(M, units)`` (``mode`` defaults to ``self.gate_mode``)."""
         return self.particles.gates(self.tau, mode or self.gate_mode)
@@ -541,15 +604,37 @@ def attach_gates(
     exclude: Iterable[str] = (),
     particle_bn: bool = True,
     generator: torch.Generator | None = None,
+    data: Iterable[tuple[Tensor, Tensor]] | None = None,
+    bn_eval: bool = False,
 ) -> DLLPModel:
     """Wrap a pretrained ``model`` with ``n_particles`` particles of gates (see the module docstring).
 
-    The prior ``pi`` comes from ``importance`` (:func:`prior_keep_prob`); particles start as prior draws
-    (``init="prior"``) or ``N(0, init_std^2)`` (``init="normal"``). ``model`` is wrapped, not copied.
+    The prior ``pi`` comes from ``importance`` (:func:`prior_keep_prob`): ``l2``/``bn`` from the weights (the
+    low-level default here, kept for callers that have no data; ``method=dllp`` defaults to ``taylor``), or
+    ``taylor``/``ablation`` measured through the gates on the training batches ``data``
+    (:func:`~.dllp_prior.function_importance`). Particles start as prior draws (``init="prior"``) or
+    ``N(0, init_std^2)`` (``init="normal"``). ``bn_eval``: BatchNorm layers stay in eval mode (running
+    statistics) whatever ``train()`` says (:class:`DLLPModel`). ``model`` is wrapped, not copied.
     """
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if init not in ("prior", "normal"):
+        raise ValueError(f"init must be 'prior' or 'normal', got {init!r}")
     sites = find_gate_sites(model, granularity, exclude)
-    prior = prior_keep_prob(sites, importance, target_density, temperature=temperature, clip=clip)
     device = next(model.parameters()).device
+    values = None
+    if importance in FUNCTION_IMPORTANCES:
+        if data is None:
+            raise ValueError(f"importance={importance!r} needs training batches (data=...)")
+        flat = {s.name: torch.full((s.units,), 0.5) for s in sites}
+        z_flat = {s.name: torch.zeros(1, s.units) for s in sites}
+        probe = DLLPModel(model, sites, flat, ParticleGates(list(flat), [s.units for s in sites], 1, z_flat),
+                          particle_bn=False).to(device)
+        try:
+            values = function_importance(probe, data, importance)
+        finally:
+            probe._remove_hooks()
+    prior = prior_keep_prob(sites, importance, target_density, temperature=temperature, clip=clip, values=values)
     if init == "prior":
         z0 = {s.name: sample_prior(prior[s.name], n_particles, generator) for s in sites}
     elif init == "normal":
@@ -557,7 +642,10 @@ def attach_gates(
     else:
         raise ValueError(f"init must be 'prior' or 'normal', got {init!r}")
     gates = ParticleGates([s.name for s in sites], [s.units for s in sites], n_particles, z0)
-    return DLLPModel(model, sites, prior, gates, gate_mode=gate_mode, particle_bn=particle_bn).to(device)
+    dm = DLLPModel(model, sites, prior, gates, gate_mode=gate_mode, particle_bn=particle_bn, bn_eval=bn_eval)
+    if values is not None:
+        dm.prior_importance = {n: v.clone() for n, v in values.items()}
+    return dm.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,7 +683,13 @@ class DLLP:
         tau_end: float = 0.1,
         tau_schedule: str = "geometric",
         data_weight: float = 1.0,
+        density: float | None = None,
+        dual_lr: float = 0.05,
     ):
+        if density is not None and not 0.0 < density < 1.0:
+            raise ValueError(f"density must be in (0, 1) or None, got {density}")
+        if dual_lr < 0:
+            raise ValueError(f"dual_lr must be >= 0, got {dual_lr}")
         if tau_schedule not in ("geometric", "linear"):
             raise ValueError(f"tau_schedule must be 'geometric' or 'linear', got {tau_schedule!r}")
         if not (tau_start > 0 and tau_end > 0):
@@ -604,6 +698,9 @@ class DLLP:
         self.n_train = n_train
         self.tau_start, self.tau_end, self.tau_schedule = float(tau_start), float(tau_end), tau_schedule
         self.data_weight = float(data_weight)
+        self.density = None if density is None else float(density)
+        self.dual_lr = float(dual_lr)
+        self.lam = 0.0   # budget multiplier (dual variable), >= 0; see :meth:`log_budget`
         self.set_progress(0.0)
 
     # parameters and schedule --------------------------------------------------------------------------
@@ -655,9 +752,43 @@ class DLLP:
         pis = self.model.prior()
         return sum(log_prior(z, pis[n]) for n, z in zip(self.model.site_names, zs))
 
+    def soft_density(self, zs: Sequence[Tensor] | None = None) -> Tensor:
+        """Per particle, the mean soft gate ``sum_u sigmoid(z_u / tau) / U`` over every gated unit, ``(M,)``."""
+        zs = self.particle_parameters() if zs is None else zs
+        total = sum(torch.sigmoid(z / self.tau).sum(1) for z in zs)
+        return total / sum(z.shape[1] for z in zs)
+
+    @torch.no_grad()
+    def hard_density(self) -> Tensor:
+        """Per particle, the fraction of gated units with ``z > 0``, ``(M,)``."""
+        zs = self.particle_parameters()
+        return sum((z > 0).double().sum(1) for z in zs) / sum(z.shape[1] for z in zs)
+
+    def log_budget(self, zs: Sequence[Tensor] | None = None) -> Tensor:
+        """The unit-budget tilt ``-lam * data_weight * N * soft_density(z)`` per particle, ``(M,)`` (0 without a
+        ``density`` target or before the first :meth:`update_dual`)."""
+        zs = self.particle_parameters() if zs is None else zs
+        if self.density is None or self.lam == 0.0:
+            return torch.zeros(zs[0].shape[0], dtype=zs[0].dtype, device=zs[0].device)
+        n = float(self.n_train or 0)
+        return -self.lam * self.data_weight * n * self.soft_density(zs)
+
+    def log_prior_target(self, zs: Sequence[Tensor] | None = None) -> Tensor:
+        """Everything of ``log p(z | D)`` but the data term: :meth:`log_prior` + :meth:`log_budget`."""
+        zs = self.particle_parameters() if zs is None else zs
+        return self.log_prior(zs) + self.log_budget(zs)
+
+    @torch.no_grad()
+    def update_dual(self) -> float:
+        """Dual ascent on the budget: ``lam <- max(0, lam + dual_lr (mean_m hard_density_m - density))``."""
+        if self.density is not None and self.dual_lr > 0:
+            excess = float(self.hard_density().mean()) - self.density
+            self.lam = max(0.0, self.lam + self.dual_lr * excess)
+        return self.lam
+
     def log_posterior(self, logits: Tensor | None, y: Tensor | None, n_train: int | None = None) -> Tensor:
-        """``(N / B) * data_weight * log-likelihood + log prior`` per particle (unnormalised), ``(M,)``."""
-        lp = self.log_prior()
+        """``(N / B) * data_weight * log-likelihood + log prior + log budget`` per particle (unnormalised)."""
+        lp = self.log_prior_target()
         if logits is None or self.data_weight == 0.0:
             return lp
         n = n_train if n_train is not None else self.n_train
@@ -705,7 +836,7 @@ class DLLP:
         grads = torch.autograd.grad(ll.sum(), zs + ws, allow_unused=True)
         with torch.enable_grad():
             zd = [z.detach().requires_grad_(True) for z in zs]
-            gp = torch.autograd.grad(self.log_prior(zd).sum(), zd)
+            gp = torch.autograd.grad(self.log_prior_target(zd).sum(), zd)
         scale = self.data_weight * (n or 0) / b
         gz = [gp_l if g is None else scale * g + gp_l for g, gp_l in zip(grads[: len(zs)], gp)]
         for z, phi in zip(zs, svgd_direction_blocks([z.detach() for z in zs], gz)):
@@ -736,6 +867,7 @@ class DLLP:
             loss = self.backward(logits, y, n_train)
             w_opt.step()
         z_opt.step()
+        self.update_dual()
         return {"loss": loss, "tau": torch.tensor(self.tau)}
 
     # decision -----------------------------------------------------------------------------------------
@@ -835,6 +967,55 @@ class DLLP:
             p.mul_(m.to(p.dtype))
         return net
 
+    # posterior vs prior ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def posterior_shift(self, keep: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
+        """How far the particles' posterior moved from the prior (JSON-serialisable).
+
+        Per layer and over all gated units: ``mean |rho - pi|``; ``mode_flip_fraction``, the fraction of units
+        with ``1[rho >= 0.5] != 1[pi >= 0.5]``; ``kl`` = mean ``KL(Bern(rho) || Bern(pi))`` and ``js`` = mean
+        Jensen-Shannon divergence (nats; ``rho`` clipped to [1e-6, 1 - 1e-6] for the KL);
+        ``particle_flip_fraction``, the fraction of (particle, unit) signs that differ from the particles'
+        initial signs. With ``keep`` (the decided unit masks, ``k`` units kept): ``decision_vs_prior_fraction``,
+        the fraction of units whose decision differs from keeping the ``k`` units of highest ``pi`` (the prior's
+        own decision at the same unit count; ties in ``pi`` by unit order).
+        """
+        rho, pi, init = self.inclusion_probs(), self.model.prior(), self.model.initial_on()
+        zs = dict(zip(self.model.site_names, self.particle_parameters()))
+
+        def stats(r: Tensor, p: Tensor, z: Tensor, z0: Tensor) -> dict[str, float]:
+            r, p = r.double().cpu(), p.double().cpu()
+            rc = r.clamp(1e-6, 1 - 1e-6)
+            kl = rc * (rc / p).log() + (1 - rc) * ((1 - rc) / (1 - p)).log()
+            mid = 0.5 * (rc + p)
+
+            def kl_to_mid(a: Tensor) -> Tensor:
+                return a * (a / mid).log() + (1 - a) * ((1 - a) / (1 - mid)).log()
+
+            js = 0.5 * (kl_to_mid(rc) + kl_to_mid(p))
+            return {
+                "units": int(r.numel()),
+                "mean_abs_diff": float((r - p).abs().mean()),
+                "mode_flip_fraction": float(((r >= 0.5) != (p >= 0.5)).double().mean()),
+                "kl": float(kl.mean()),
+                "js": float(js.mean()),
+                "particle_flip_fraction": float(((z.detach() > 0).cpu() != z0.cpu()).double().mean()),
+            }
+
+        names = list(rho)
+        layers = {n: stats(rho[n], pi[n], zs[n], init[n]) for n in names}
+        cat = lambda d: torch.cat([d[n].flatten().cpu() for n in names])  # noqa: E731
+        zcat = torch.cat([zs[n].detach().cpu() for n in names], 1)
+        out: dict[str, Any] = {**stats(cat(rho), cat(pi), zcat, torch.cat([init[n].cpu() for n in names], 1))}
+        if keep is not None:
+            kflat = torch.cat([keep[n].flatten().cpu() for n in names])
+            pflat = cat(pi)
+            prior_keep = torch.zeros_like(kflat)
+            prior_keep[torch.argsort(pflat, descending=True, stable=True)[: int(kflat.sum())]] = True
+            out["decision_vs_prior_fraction"] = float((prior_keep != kflat).double().mean())
+        out["layers"] = layers
+        return out
+
     # reliability --------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(
@@ -884,6 +1065,7 @@ class DLLP:
         ``data``: an iterable of ``(x, y)`` batches (a DataLoader) or a single ``(x, y)`` pair.
         """
         keep = self.unit_masks(threshold, target_sparsity) if keep is None else keep
+        keep_masks = keep
         probs, y, dep = self.predict(data, deployed_model, keep=keep)
         rho, se = self.inclusion_probs(), self.inclusion_se()
         flat = torch.cat([r.cpu() for r in rho.values()])
@@ -907,4 +1089,5 @@ class DLLP:
             "ensemble": ens,
             "deployed_acc": float((dep.argmax(-1) == y).double().mean()),
             "agreement": agreement(dep, probs.mean(0)),
+            "posterior_shift": self.posterior_shift(keep=keep_masks),
         }

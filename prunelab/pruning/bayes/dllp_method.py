@@ -8,11 +8,20 @@ Pruning stage (``schedule.epochs`` epochs from the pretrained dense network, ``s
 
 * :meth:`DLLPMethod.attach` wraps the network with ``M = particles`` particles of gate logits
   (:func:`~prunelab.pruning.bayes.dllp.attach_gates`): prior keep-probabilities from the vanilla network's
-  importance (``prior.importance``: ``l2`` incoming-weight norm or ``bn`` ``|gamma|``), shifted so that the
-  prior's expected kept fraction is ``1 - sparsity`` (``method.sparsity``, by default ``prune.sparsity``).
+  importance (``prior.importance``: ``taylor`` (default) or ``ablation``, function-based, measured through the
+  gates on ``prior.batches`` fixed training batches (``datamodule.score_batches``: the same on every rank) and
+  invariant to function-preserving rescaling of a unit; or the magnitude-based ``l2`` incoming-weight norm /
+  ``bn`` ``|gamma|``, which are not), shifted so that the prior's expected kept fraction is ``1 - sparsity``
+  (``method.sparsity``, by default ``prune.sparsity``).
+* ``train_weights: false`` (default): ``W`` is frozen for the stage (``requires_grad`` off, restored in
+  :meth:`DLLPMethod.finish`; BatchNorm in eval mode), the posterior is over units of the given network (see
+  :mod:`~prunelab.pruning.bayes.dllp`). ``budget_lr > 0`` (default 0.5): the target is tilted by
+  ``-lam N kept_fraction`` with ``lam`` found by dual ascent so that each particle keeps about ``1 - sparsity``
+  of the units (``lam`` travels in the hook's checkpoint state).
 * Every training step (:class:`DLLPHook`) runs ONE batched forward of all particles (logits ``(M, B, C)``):
 
-  - ``hook.loss``: the loss for the shared weights ``W`` is the cross-entropy averaged over particles; from the
+  - ``hook.loss``: the loss for the shared weights ``W`` (trained only with ``train_weights: true``) is the
+    cross-entropy averaged over particles; from the
     same graph (``torch.autograd.grad``, graph retained) it takes ``dS/dz`` with
     ``S = sum_m sum_b log p(y_b | x_b, z_m, W)``;
   - ``after_backward``: under DDP ``dS/dz`` is averaged across ranks (``module.all_reduce_mean``: each rank's
@@ -51,7 +60,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunelab.pruning.bayes.dllp import DLLP, PRIOR_CLIP, DLLPModel, attach_gates
+from prunelab.pruning.bayes.dllp import DLLP, IMPORTANCES, PRIOR_CLIP, DLLPModel, attach_gates
+from prunelab.pruning.bayes.dllp_prior import FUNCTION_IMPORTANCES
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
@@ -62,7 +72,6 @@ from prunelab.training.hooks import TrainHook
 log = logging.getLogger(__name__)
 
 GATES = {"soft": "soft", "hard": "ste"}  # config name -> dllp gate mode (hard = straight-through)
-IMPORTANCES = ("l2", "bn")
 INITS = ("prior", "normal")
 TAU_SCHEDULES = ("geometric", "linear")
 GRANULARITIES = ("unit", "weight")
@@ -93,8 +102,9 @@ def _options(name: str, node: Any, defaults: Mapping[str, Any]) -> dict[str, Any
 class DLLPHook(TrainHook):
     """One SVGD step on the particles and one optimiser step on ``W`` per training step (module docstring)."""
 
-    def __init__(self, dllp: DLLP, lr: float, n_train: int):
+    def __init__(self, dllp: DLLP, lr: float, n_train: int, train_weights: bool = False):
         self.dllp = dllp
+        self.train_weights = bool(train_weights)
         self.n_train = int(n_train)
         self.z_opt = dllp.particle_optimizer(lr)
         self._grad_ll: list[Tensor] | None = None
@@ -128,7 +138,7 @@ class DLLPHook(TrainHook):
         gl = list(torch.split(flat, [z.numel() for z in zs]))
         with torch.enable_grad():
             zd = [z.detach().requires_grad_(True) for z in zs]
-            gp = torch.autograd.grad(self.dllp.log_prior(zd).sum(), zd)
+            gp = torch.autograd.grad(self.dllp.log_prior_target(zd).sum(), zd)
         scale = self.dllp.data_weight * self.n_train / max(1, self._batch)
         return [scale * g.view_as(z) + p for g, z, p in zip(gl, zs, gp)]
 
@@ -143,6 +153,7 @@ class DLLPHook(TrainHook):
 
     def after_step(self, module, batch_idx: int) -> None:
         self.z_opt.step()
+        self.dllp.update_dual()
         self._set_tau(module)
 
     def _set_tau(self, module) -> None:
@@ -156,7 +167,13 @@ class DLLPHook(TrainHook):
         self._set_tau(module)   # resumed runs continue the schedule where they stopped
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """``W`` only (the particles have their own Adam). With ``train_weights=false`` the weights are frozen
+        (``requires_grad`` off, :meth:`DLLPMethod.attach`): they are handed over with ``lr = 0`` and no weight
+        decay, and as they get no gradient no optimiser (nor a scheduler's lr) moves them."""
         particle_ids = {id(p) for p in self.dllp.particle_parameters()}
+        if not self.train_weights:
+            ws = [p for p in self.dllp.model.model.parameters() if id(p) not in particle_ids]
+            return [{"params": ws, "lr": 0.0, "weight_decay": 0.0}]
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in particle_ids]}]
 
     # evaluation ------------------------------------------------------------------------------------------
@@ -168,6 +185,8 @@ class DLLPHook(TrainHook):
     def on_epoch_end(self, module) -> dict[str, float]:
         rho = torch.cat([r.flatten() for r in self.dllp.inclusion_probs().values()])
         out = {"dllp/tau": float(self.dllp.tau), "dllp/rho_mean": float(rho.mean()),
+               "dllp/lam": float(self.dllp.lam), "dllp/density": float(self.dllp.hard_density().mean()),
+               "dllp/rho_prior_abs_diff": float(self.dllp.posterior_shift()["mean_abs_diff"]),
                "dllp/undecided_fraction": float(((rho > 0.2) & (rho < 0.8)).double().mean()),
                "dllp/phi_rms": math.sqrt(self._phi_sq / max(1, self._steps_in_epoch))}
         entry = {k.split("/", 1)[1]: v for k, v in out.items()}
@@ -181,13 +200,15 @@ class DLLPHook(TrainHook):
     # checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # the particles themselves are parameters of the trained module (in the Lightning state dict)
-        return {"z_opt": self.z_opt.state_dict(), "history": list(self.history), "tau": float(self.dllp.tau)}
+        return {"z_opt": self.z_opt.state_dict(), "history": list(self.history), "tau": float(self.dllp.tau),
+                "lam": float(self.dllp.lam)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.z_opt.load_state_dict(state["z_opt"])
         self.history = list(state.get("history", []))
         if "tau" in state:
             self.dllp.model.tau = float(state["tau"])
+        self.dllp.lam = float(state.get("lam", 0.0))
 
 
 class DLLPMethod(TrainingMethod):
@@ -210,6 +231,8 @@ class DLLPMethod(TrainingMethod):
         reliability_batches: int = 10,
         reliability_split: str = "test",
         data_weight: float = 1.0,
+        train_weights: bool = False,
+        budget_lr: float = 0.5,
         exclude: list[str] | tuple[str, ...] = (),
         seed: int = 0,
     ):
@@ -222,8 +245,8 @@ class DLLPMethod(TrainingMethod):
         check_choice("method.tau.schedule", t["schedule"], TAU_SCHEDULES)
         self.tau = {"start": float(t["start"]), "end": float(t["end"]), "schedule": str(t["schedule"])}
         self.gate = check_choice("method.gate", gate, tuple(GATES))
-        p = _options("prior", prior, {"importance": "l2", "temperature": 1.0, "clip": list(PRIOR_CLIP),
-                                      "init": "prior"})
+        p = _options("prior", prior, {"importance": "taylor", "temperature": 1.0, "clip": list(PRIOR_CLIP),
+                                      "init": "prior", "batches": 4})
         check_choice("method.prior.importance", p["importance"], IMPORTANCES)
         check_choice("method.prior.init", p["init"], INITS)
         clip = [float(c) for c in p["clip"]]
@@ -231,16 +254,18 @@ class DLLPMethod(TrainingMethod):
             raise ValueError(f"method.prior.clip={clip} must be [lo, hi] with 0 < lo < hi < 1")
         if float(p["temperature"]) <= 0:
             raise ValueError(f"method.prior.temperature={p['temperature']} must be > 0")
+        if isinstance(p["batches"], bool) or int(p["batches"]) != p["batches"] or int(p["batches"]) < 1:
+            raise ValueError(f"method.prior.batches={p['batches']} must be an integer >= 1")
         self.prior = {"importance": p["importance"], "temperature": float(p["temperature"]), "clip": clip,
-                      "init": p["init"]}
-        s = _options("svgd", svgd, {"lr": 1e-2})
+                      "init": p["init"], "batches": int(p["batches"])}
+        s = _options("svgd", svgd, {"lr": 0.1})
         if float(s["lr"]) <= 0:
             raise ValueError(f"method.svgd.lr={s['lr']} must be > 0")
         self.svgd = {"lr": float(s["lr"])}
         self.granularity = check_choice("method.granularity", granularity, GRANULARITIES)
-        if self.granularity == "weight" and self.prior["importance"] == "bn":
-            raise ValueError("method.prior.importance='bn' needs method.granularity='unit' (per-weight gates "
-                             "use |w|); allowed values with granularity=weight: l2")
+        if self.granularity == "weight" and self.prior["importance"] in ("bn", "ablation"):
+            raise ValueError(f"method.prior.importance={self.prior['importance']!r} needs method.granularity='unit'"
+                             "; allowed values with granularity=weight: taylor, l2")
         self.decision = check_choice("method.decision", decision, DECISIONS)
         self.sparsity = None if sparsity is None else self._check_sparsity(float(sparsity))
         if int(reliability_batches) < 1:
@@ -250,6 +275,12 @@ class DLLPMethod(TrainingMethod):
         if float(data_weight) < 0:
             raise ValueError(f"method.data_weight={data_weight} must be >= 0")
         self.data_weight = float(data_weight)
+        if not isinstance(train_weights, bool):
+            raise ValueError(f"method.train_weights={train_weights!r} must be true or false")
+        self.train_weights = train_weights
+        if float(budget_lr) < 0:
+            raise ValueError(f"method.budget_lr={budget_lr} must be >= 0 (0: no unit-budget tilt)")
+        self.budget_lr = float(budget_lr)
         self.exclude = list(exclude or [])
         self.seed = int(seed)
 
@@ -276,15 +307,25 @@ class DLLPMethod(TrainingMethod):
         if not getattr(schedule, "pretrained", True):
             log.warning("method=dllp: schedule.pretrained=false; the prior then comes from an untrained network")
         gen = torch.Generator().manual_seed(self.seed)
+        data = None
+        if self.prior["importance"] in FUNCTION_IMPORTANCES:
+            # deterministic, non-augmented training batches: the same on every DDP rank (so is the prior)
+            data = ctx.datamodule.score_batches(self.prior["batches"])
+        self._frozen: list[nn.Parameter] = []
+        if not self.train_weights:
+            self._frozen = [p for p in model.parameters() if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
         dmodel = attach_gates(
             model, self.granularity, self.prior["importance"], self.particles,
             target_density=1.0 - self.sparsity, temperature=self.prior["temperature"],
             clip=tuple(self.prior["clip"]), init=self.prior["init"], gate_mode=GATES[self.gate],
-            exclude=self.exclude, generator=gen,
+            exclude=self.exclude, generator=gen, data=data, bn_eval=not self.train_weights,
         )
         dllp = DLLP(dmodel, train_set_size(ctx.datamodule), tau_start=self.tau["start"],
-                    tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight)
-        return dmodel, DLLPHook(dllp, self.svgd["lr"], dllp.n_train)
+                    tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight,
+                    density=1.0 - self.sparsity if self.budget_lr > 0 else None, dual_lr=self.budget_lr)
+        return dmodel, DLLPHook(dllp, self.svgd["lr"], dllp.n_train, self.train_weights)
 
     # finish ----------------------------------------------------------------------------------------------
     def unit_masks(self, dllp: DLLP) -> dict[str, Tensor]:
@@ -309,6 +350,9 @@ class DLLPMethod(TrainingMethod):
 
     def finish(self, ctx, model: nn.Module, hook: DLLPHook) -> Finished:
         dllp = hook.dllp
+        for p in getattr(self, "_frozen", []):   # frozen during the stage (train_weights=false); fine-tuning trains
+            p.requires_grad_(True)
+        dllp.model.bn_eval = False
         keep = self.unit_masks(dllp)
         pmasks = dllp.masks(keep=keep)
         dense = dllp.pruned_model(keep=keep).eval()
@@ -349,6 +393,7 @@ class DLLPMethod(TrainingMethod):
         hist = torch.histc(flat_rho.float(), bins=10, min=0.0, max=1.0).long().tolist()
         masked = sum(int((~m).sum()) for n, m in pmasks.items() if n.endswith("weight"))
         ens = rel["ensemble"]
+        shift = rel["posterior_shift"]
         reliability = {
             **rel,
             "rho_summary": {"mean": float(flat_rho.mean()), "se_mean": float(flat_se.mean()),
@@ -380,11 +425,19 @@ class DLLPMethod(TrainingMethod):
             "dllp_agreement": rel["agreement"],
             "dllp_reliability_examples": int(ens["n_examples"]),
             "dllp_compact_max_abs_diff": diff,
+            "dllp_posterior_shift": shift["mean_abs_diff"],
+            "dllp_posterior_mode_flip_fraction": shift["mode_flip_fraction"],
+            "dllp_posterior_kl": shift["kl"],
+            "dllp_posterior_js": shift["js"],
+            "dllp_particle_flip_fraction": shift["particle_flip_fraction"],
+            "dllp_decision_vs_prior_fraction": shift["decision_vs_prior_fraction"],
+            "dllp_budget_lam": float(dllp.lam),
         }
         metrics = {"dllp/" + k[len("dllp_"):]: float(v) for k, v in final.items()}
         return {
             "particles": self.particles, "granularity": self.granularity, "decision": self.decision,
             "sparsity": self.sparsity, "gate": self.gate, "tau": self.tau, "prior": self.prior,
+            "train_weights": self.train_weights, "budget_lr": self.budget_lr,
             "svgd": self.svgd, "n_train": hook.n_train, "reliability_split": self.reliability_split,
             "weights_masked": masked, "compaction": compact_info, "history": hook.history,
             "reliability": reliability, "final": final, "metrics": metrics,
