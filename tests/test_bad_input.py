@@ -73,6 +73,11 @@ IN_PROCESS = [
     (["pretrain.optimizer.momentum=1.5"], "pretrain.optimizer.momentum=1.5"),
     (["seed=-1"], "seed=-1: must be an integer in"),
     (["data=npz"], "data.path must be set"),
+    # a target the method does not read: given on the command line, refused (the default 0.9 is not "given")
+    (["method=bmrs_n", "schedule=bayesian", "prune.sparsity=0.5"],
+     r"prune.sparsity=0.5 is ignored by method=bmrs_n: it is threshold-free .*allowed values for this method: null"),
+    (["method=taylor_fo", "schedule=oneshot", "prune.compression=10"],
+     r"prune.compression=10.* is ignored by method=taylor_fo: its target is method.amount"),
 ]
 
 

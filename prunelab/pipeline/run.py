@@ -36,7 +36,7 @@ from prunelab.pipeline.cache import cache_root, configure_determinism, hold_run_
 from prunelab.pipeline.console import CURRENT, StageLog
 from prunelab.pipeline.context import RunContext, is_rank_zero
 from prunelab.pruning.masks import sparsity_from_options
-from prunelab.pruning.method import TrainingMethod
+from prunelab.pruning.method import TrainingMethod, check_target_options
 from prunelab.results import SCHEMA_VERSION, schema_errors
 from prunelab.runinfo import environment, hydra_choices
 from prunelab.utils.io import atomic_write_json, check_writable, read_record
@@ -230,9 +230,23 @@ def check_options(cfg: DictConfig) -> tuple[float, Any, Any, Any, Any]:
     return sparsity, scorer, allocation, finetune, schedule
 
 
-def build_context(cfg: DictConfig) -> RunContext:
-    """Every start-up check, then the claim of the run folder; no training has happened when this returns."""
+def given_target(cfg: DictConfig) -> dict[str, Any]:
+    """``prune.sparsity`` / ``prune.compression`` as the command line and the config files set them, before
+    :func:`apply_prune_target` writes the default (0.9) in: what :func:`build_context` checks against the
+    method (a method that does not read them refuses a value that was given)."""
+    return {k: cfg.prune.get(k) for k in ("sparsity", "compression")} if "prune" in cfg else {}
+
+
+def build_context(cfg: DictConfig, given: dict[str, Any] | None = None) -> RunContext:
+    """Every start-up check, then the claim of the run folder; no training has happened when this returns.
+    ``given``: the pruning target as set before its default was applied (:func:`given_target`); a method that
+    does not read it (``method.amount``, threshold-free BMRS) refuses a value given there."""
     sparsity, scorer, allocation, finetune, schedule = check_options(cfg)
+    if given is not None:
+        try:
+            check_target_options(scorer, given)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     configure_determinism(cfg)  # threads and deterministic algorithms, before data statistics are computed
     run_dir = check_writable(cfg.paths.output_dir, "paths.output_dir")
     hold_run_dir(run_dir)  # one process per run folder (released by run_pipeline)
@@ -353,6 +367,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
+    given = given_target(cfg)
     apply_prune_target(cfg)
     done = finished_results(cfg)
     if done is not None:
@@ -360,7 +375,7 @@ def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         log.info("already done: %s (delete it to run again)", done["results_file"])
         return done
     try:
-        ctx = build_context(cfg)
+        ctx = build_context(cfg, given)
     except BaseException:
         discard_hydra_files()
         raise

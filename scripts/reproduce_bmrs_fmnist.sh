@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# BMRS Table 1, Fashion-MNIST columns (Wright, Igel, Selvan, NeurIPS 2024) on the full official Fashion-MNIST
+# (60k/10k; data.source_dir=auto finds the Debian package's copy, md5-checked), on a CPU; re-runnable and
+# resuming (finished runs are skipped: each run's folder is named by a hash of its config):
+#   RUNS=/work/runs/bmrs_fmnist SETTINGS="mlp_fashion_mnist" SEEDS="0 1 2" scripts/reproduce_bmrs_fmnist.sh
+# Per setting (conf/experiment/bmrs_<setting>.yaml: the paper's App. C settings) and seed (outer loop, so an
+# interrupted grid leaves whole seeds), the arms of Table 1:
+#   bmrs_n, bmrs_u (p=8), bmrs_u (p=4), snr, expected_theta: 50 epochs with the noise + 10 of fine-tuning;
+#   none: the same network and recipe without noise (schedule=at_init, sparsity 0; 60 epochs, best validation);
+#   l2: the `none` arm's recipe for 50 epochs, then one-shot L2-norm unit pruning at the fraction of units that
+#       BMRS_N removed with that seed, compacted, 10 epochs of fine-tuning (as the paper's L2 column).
+# Table: python scripts/bmrs_table.py $RUNS/outputs/multirun --sd  (docs/results/bmrs_fmnist.md).
+set -uo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
+SETTINGS="${SETTINGS:-mlp_fashion_mnist lenet5_fashion_mnist}"
+SEEDS="${SEEDS:-0 1 2}"
+PL="${PRUNELAB:-prunelab}"
+PY="${PYTHON:-python}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+mkdir -p "$RUNS" && cd "$RUNS" || exit 1
+failed=0
+for setting in $SETTINGS; do
+  common=(experiment=bmrs_$setting "paths.cache_dir=$RUNS/cache" "paths.data_dir=$RUNS/data"
+          trainer.enable_progress_bar=false logger=csv)
+  [ -n "${DATA_SOURCE:-}" ] && common+=("data.source_dir=$DATA_SOURCE")
+  for seed in $SEEDS; do
+    $PL -m "${common[@]}" seed="$seed" method=bmrs_n,bmrs_u,snr,expected_theta || failed=1
+    $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1
+    $PL -m "${common[@]}" seed="$seed" schedule=at_init "~schedule.epochs" method=random allocation=uniform \
+        prune.sparsity=0 pretrain.epochs=60 finetune.epochs=0 name="bmrs_${setting}_none" || failed=1
+    frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" <<'PY'
+import json, sys
+from pathlib import Path
+fracs = [json.loads(p.read_text())["final"]["frac_units_removed"] for p in Path(sys.argv[1]).rglob("results.json")
+         if (r := json.loads(p.read_text()))["config"]["seed"] == int(sys.argv[2])
+         and r["final"].get("rule") == "bmrs_n" and r["final"].get("delta_f_n_variant") == "code"]
+print(f"{fracs[-1]:.4f}" if fracs else "")
+PY
+)
+    if [ -n "$frac" ]; then
+      $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" method.target_kind=units \
+          "method.amount=$frac" name="bmrs_${setting}_l2" || failed=1
+    else
+      echo "seed $seed: no bmrs_n result, l2 arm skipped" >&2; failed=1
+    fi
+  done
+done
+exit "$failed"
