@@ -31,14 +31,16 @@ def test_every_option_composes(make_cfg, group, option):
         assert cfg.model.name
 
 
-def test_every_method_config_is_a_registered_scorer():
-    from prunelab.pruning.scorers import load_all
+def test_every_method_is_named_by_the_option_that_chose_it(make_cfg):
+    """One name system: whatever class or criterion a method YAML instantiates, the run's method object is
+    named by the YAML's option (``method=random_structured`` is not ``random``, ``snr`` not ``bmrs_n``)."""
+    from prunelab.pipeline.run import check_options
 
-    names = load_all()
     for opt in options("method"):
-        node = (Path(CONFIG_DIR) / "method" / f"{opt}.yaml").read_text()
-        if "prunelab.pruning.scorers." in node:
-            assert opt in names, opt
+        schedule = {"bmrs_n": "bayesian", "bmrs_u": "bayesian", "snr": "bayesian", "expected_theta": "bayesian",
+                    "dllp": "train_prune", "slimming": "train_prune"}.get(opt, "oneshot")
+        cfg = make_cfg(f"method={opt}", f"schedule={schedule}")
+        assert check_options(cfg)[1].name == opt, opt
 
 
 def test_defaults(make_cfg):

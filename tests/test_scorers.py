@@ -18,15 +18,12 @@ from prunelab.pruning.allocation import GlobalAllocation, UniformAllocation
 from prunelab.pruning.effective import effective_masks, effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.pruner import prune
-from prunelab.pruning.scorers import SCORERS, load_all
 from prunelab.pruning.scorers.grasp import GraSPScorer
 from prunelab.pruning.scorers.lamp import LAMPScorer, lamp_scores
 from prunelab.pruning.scorers.random import RandomScorer
 from prunelab.pruning.scorers.snip import SNIPScorer
 from prunelab.pruning.scorers.synflow import SynFlowScorer, synaptic_flow_copy
 from prunelab.pruning.target import prune_to_target, prune_with_scores
-
-load_all()
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,12 +49,11 @@ def _batches(n: int = 2, shape=(2, 4, 4), classes: int = 4, size: int = 6, seed:
     ]
 
 
-def test_scorers_are_registered_with_their_options():
-    assert {"snip", "grasp", "synflow", "lamp"} <= set(SCORERS.names())
-    assert SCORERS.get("snip")(num_batches=3).num_batches == 3
-    g = SCORERS.get("grasp")(temperature=100.0, num_batches=2)
+def test_scorers_take_their_options():
+    assert SNIPScorer(num_batches=3).num_batches == 3
+    g = GraSPScorer(temperature=100.0, num_batches=2)
     assert (g.temperature, g.num_batches, g.needs_data) == (100.0, 2, True)
-    s = SCORERS.get("synflow")(rounds=7, input_shape=[1, 4, 4])
+    s = SynFlowScorer(rounds=7, input_shape=[1, 4, 4])
     assert (s.rounds, s.input_shape, s.needs_data) == (7, [1, 4, 4], False)
     assert SynFlowScorer().rounds == 100 and LAMPScorer.needs_data is False
 

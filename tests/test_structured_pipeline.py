@@ -78,6 +78,10 @@ def test_other_criteria_run_oneshot(make_cfg, criterion):
     assert res["stages"]["prune"]["method"]["units_removed"] > 0
     assert "latency_ms_b1_before" not in res["final"]
     assert res["final"]["params_after"] < res["final"]["params_before"]
+    # one name system: the option the run was configured with names it (not the criterion, "random")
+    info = res["stages"]["prune"]["method"]
+    assert info["name"] == criterion == res["choices"]["method"]
+    assert info["criterion"] == {"random_structured": "random"}.get(criterion, criterion)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -223,6 +223,11 @@ def check_options(cfg: DictConfig) -> tuple[float, Any, Any, Any, Any]:
     experiment overlay."""
     sparsity = validate(cfg)
     scorer = _instantiate(cfg.method)
+    choice = checks.choice_name("method", cfg.method)
+    if choice.startswith("method=") and hasattr(scorer, "name"):
+        # one name system: the option the run was configured with (method=random_structured, method=bmrs_u)
+        # is the method's name in results.json, the logs and W&B, whatever criterion or rule it runs
+        scorer.name = choice.partition("=")[2]
     allocation = _instantiate(cfg.allocation)
     finetune = _instantiate(cfg.finetune)
     schedule = _instantiate(cfg.schedule)

@@ -1,20 +1,9 @@
-"""Scorers: one module per pruning criterion. Each registers itself with ``@register_scorer``; every
-module of this package is imported on first use, so a new method is one file here plus one YAML in
-``conf/method/``."""
+"""Scorers: one module per unstructured pruning criterion (``Scorer`` subclasses). A new method is one file
+here plus one YAML in ``conf/method/`` whose ``_target_`` names the class; the pipeline instantiates it from
+the YAML (no registry), and the option it was chosen by (``method=<yaml name>``) is its name in results."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from prunelab.pruning.scorers.base import Scorer
 
-from prunelab.pruning.scorers.base import SCORERS, Scorer, register_scorer
-
-__all__ = ["SCORERS", "Scorer", "register_scorer", "load_all"]
-
-
-def load_all() -> list[str]:
-    """Import every scorer module of this package (registers them) and return the registered names."""
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
-    return SCORERS.names()
+__all__ = ["Scorer"]

@@ -17,19 +17,8 @@ import torch
 from torch import nn
 
 from prunelab.pruning.masks import MaskSet
-from prunelab.registry import Registry
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-SCORERS: Registry[type] = Registry("method")
-
-
-def register_scorer(name: str):
-    def deco(cls):
-        cls.name = name
-        return SCORERS.register(name)(cls)
-
-    return deco
 
 
 class Scorer:

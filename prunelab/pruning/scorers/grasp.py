@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.scorers.base import Batch, Scorer, register_scorer
+from prunelab.pruning.scorers.base import Batch, Scorer
 from prunelab.pruning.scorers.sharding import all_reduce_sum_, score_group, shard
 from prunelab.pruning.scorers.snip import loss_grads, scoring_state, take_batches
 
@@ -74,10 +74,10 @@ def hessian_gradient_product(
     return g, hg
 
 
-@register_scorer("grasp")
 class GraSPScorer(Scorer):
     """Returns ``+w ⊙ (H g)`` = minus the GraSP score, so keeping the highest returned scores removes the
     highest GraSP scores ``-w ⊙ H g`` (Wang et al. 2020, Eq. 8)."""
+    name = "grasp"
 
     needs_data = True
 

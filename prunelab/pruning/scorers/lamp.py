@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.pruning.scorers.base import Scorer, register_scorer
+from prunelab.pruning.scorers.base import Scorer
 
 
 def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -29,9 +29,9 @@ def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
     return out.view(weight.shape)
 
 
-@register_scorer("lamp")
 class LAMPScorer(Scorer):
     """score(u) = w_u^2 / sum_{v: w_v^2 >= w_u^2} w_v^2 per layer (Lee et al. 2021, Eq. 3)."""
+    name = "lamp"
 
     def score(self, model, masks, batches=()):
         return {n: lamp_scores(model.get_parameter(n)) for n in masks}

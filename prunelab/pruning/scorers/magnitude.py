@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from prunelab.pruning.scorers.base import Scorer, register_scorer
+from prunelab.pruning.scorers.base import Scorer
 
 
-@register_scorer("magnitude")
 class MagnitudeScorer(Scorer):
+    name = "magnitude"
     def score(self, model, masks, batches=()):
         return {n: model.get_parameter(n).detach().abs() for n in masks}

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.pruning.scorers.base import Scorer, register_scorer
+from prunelab.pruning.scorers.base import Scorer
 
 
-@register_scorer("random")
 class RandomScorer(Scorer):
+    name = "random"
     def __init__(self, seed: int = 0):
         self.seed = seed
 

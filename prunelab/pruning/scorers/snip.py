@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.scorers.base import Batch, Scorer, register_scorer
+from prunelab.pruning.scorers.base import Batch, Scorer
 from prunelab.pruning.scorers.sharding import all_reduce_sum_, score_group, shard
 
 
@@ -87,10 +87,10 @@ def _zeros_if_none(g: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if g is None else g
 
 
-@register_scorer("snip")
 class SNIPScorer(Scorer):
     """score = |(sum over batches of dL/dw) ⊙ w| (SNIP, Lee et al. 2019, Eq. 6); under DDP the batch sum is
     sharded over the ranks and all-reduced."""
+    name = "snip"
 
     needs_data = True
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.scorers.base import Batch, Scorer, register_scorer
+from prunelab.pruning.scorers.base import Batch, Scorer
 
 
 def synaptic_flow_copy(model: nn.Module) -> nn.Module:
@@ -96,13 +96,13 @@ LINEARIZE = {"abs": synaptic_flow_copy, "linear": linear_flow_copy}
 COUNT_RULES = ("round", "floor", "kthvalue")
 
 
-@register_scorer("synflow")
 class SynFlowScorer(Scorer):
     """score = dR/dw ⊙ w on the absolute-valued network, R = sum of outputs on the all-ones input.
 
     ``linearize``: ``abs`` (default; Tanaka et al.) | ``linear`` (Vysogorets & Kempe); ``count_rule``: ``round``
     (default; prunelab) | ``floor`` (Vysogorets & Kempe) | ``kthvalue`` (Tanaka et al.); see the module docstring.
     """
+    name = "synflow"
 
     needs_data = False
 

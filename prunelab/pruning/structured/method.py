@@ -153,8 +153,8 @@ class StructuredMethod(TrainingMethod):
         counts = removed_counts(p.groups, p.gates.mask)
         p.remove_gates()
         info.update({
-            "criterion": self.criterion, "target_kind": self.target_kind, "amount": self.amount,
-            "units_total": p.total_units, "units_removed": p.pruned_units(),
+            "name": self.name, "criterion": self.criterion, "target_kind": self.target_kind,
+            "amount": self.amount, "units_total": p.total_units, "units_removed": p.pruned_units(),
             "removed_per_layer": counts,
             "metrics": {"structure/units_removed": p.pruned_units(),
                         "structure/units_removed_frac": p.pruned_units() / max(1, p.total_units)},
