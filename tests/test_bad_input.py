@@ -73,6 +73,7 @@ IN_PROCESS = [
     (["pretrain.optimizer.momentum=1.5"], "pretrain.optimizer.momentum=1.5"),
     (["seed=-1"], "seed=-1: must be an integer in"),
     (["data=npz"], "data.path must be set"),
+    (["data=npz", "data.path=x.npz", "data.mean=[nan]"], r"data.mean=.*must be a list of items each a number \(not nan\)"),
     # a target the method does not read: given on the command line, refused (the default 0.9 is not "given")
     (["method=bmrs_n", "schedule=bayesian", "prune.sparsity=0.5"],
      r"prune.sparsity=0.5 is ignored by method=bmrs_n: it is threshold-free .*allowed values for this method: null"),

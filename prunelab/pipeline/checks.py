@@ -57,11 +57,12 @@ def _type_name(tp: Any) -> str:
     if tp is int:
         return "an integer"
     if tp is float:
-        return "a number"
+        return "a number (not nan)"
     if tp is str:
         return "a string"
     if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
-        return "a list"
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return "a list" + (f" of items each {_type_name(args[0])}" if len(args) == 1 else "")
     if origin in (dict, Mapping, typing.Mapping) or tp is dict:
         return "a mapping"
     if origin is typing.Literal:
