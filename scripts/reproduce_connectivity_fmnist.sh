@@ -34,7 +34,7 @@ run_group() {
     random)   $PL -m "${common[@]}" seed="$2" method=random allocation=uniform,erk,igq ;;
     saliency) $PL -m "${common[@]}" seed="$2" method=snip,grasp allocation=global ;;
     synflow)  $PL -m "${common[@]}" seed="$2" method=synflow allocation=global \
-                +method.linearize=linear +method.count_rule=floor ;;  # the paper's code (prune_synflow)
+                method.linearize=linear method.count_rule=floor ;;  # the paper's code (prune_synflow)
     imp)      $PL -m "${common[@]}" seed="$2" method=magnitude "${after_training[@]}" ;;
     lamp)     $PL -m "${common[@]}" seed="$2" method=lamp "${after_training[@]}" ;;
     *) echo "unknown group $1 (random saliency imp synflow lamp)" >&2; return 2 ;;
