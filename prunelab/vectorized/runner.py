@@ -47,12 +47,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from prunelab.config import identity
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-
 from prunelab.pipeline.context import RunContext
 from prunelab.pipeline.tracking import ValidationTracker
 from prunelab.training.hooks import TrainHook
