@@ -130,19 +130,19 @@ def test_vectorized_equals_separate_runs(separate, tmp_path, caplog):
 def test_keep_best_restores_each_copys_best_epoch(tmp_path, caplog):
     """``finetune.keep_best=true``: each copy ends with the weights of its own best validation epoch (as the
     stage's ModelCheckpoint keeps them), recorded in the stage's strategy record, equal to its separate run.
-    The recipe (4 epochs, lr 0.1) makes the best epoch an earlier one for some copies, so restoring it
-    matters."""
-    overrides = [*BASE, "finetune.keep_best=true", "finetune.epochs=4", "finetune.optimizer.lr=0.1"]
-    jobs = [["seed=0", "prune.sparsity=0.5"], ["seed=1", "prune.sparsity=0.9"], ["seed=2", "prune.sparsity=0.7"]]
+    The recipe (3 epochs, lr 0.1) makes the best epoch an earlier one for a copy, so restoring it matters
+    (the check fails when the replay skips the keep-best checkpoint: that copy then ends at its last epoch)."""
+    overrides = [*BASE, "finetune.keep_best=true", "finetune.epochs=3", "finetune.optimizer.lr=0.1"]
+    jobs = [["seed=0", "prune.sparsity=0.5"], ["seed=1", "prune.sparsity=0.9"]]
     sep = [run_pipeline(cfg) for cfg in configs(tmp_path / "separate", overrides, jobs)]
     with caplog.at_level(logging.INFO, logger="prunelab.vectorized"):
         outcomes = vectorized(tmp_path / "vectorized", overrides, jobs)
-    assert [o.status for o in outcomes] == ["done"] * 3, [(o.reason, o.error) for o in outcomes]
+    assert [o.status for o in outcomes] == ["done"] * 2, [(o.reason, o.error) for o in outcomes]
     assert "the normal way" not in caplog.text
     vec = [o.results for o in outcomes]
     assert mismatches(sep, vec) == []
     best = [r["stages"]["finetune"]["strategy"]["best_epoch"] for r in vec]
-    assert min(best) < 3, best  # the test restores an earlier epoch for at least one copy
+    assert min(best) < 2, best  # an earlier epoch than the last is restored for at least one copy
     assert best == [r["stages"]["finetune"]["metrics"]["finetune/val/best_epoch"] for r in vec]
 
 
