@@ -4,6 +4,7 @@ its separate pipeline run, one results.json per copy, the same dense cache; mask
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ from tests.test_cli import FAST, prunelab
 BASE = ["data=synthetic", "data.num_train=256", "data.num_test=128", "data.batch_size=32", "data.signal=0.3",
         "pretrain.epochs=2", "finetune.epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
 SEEDS, SPARSITIES = (0, 1, 2), (0.5, 0.9)
+# One epoch each and no batch limit: not a debug run (FAST's trainer.limit_train_batches makes every run keep its
+# dense model in its own folder), so runs share the dense cache under paths.cache_dir.
+SHARED_CACHE = [o for o in BASE if not o.startswith(("pretrain.epochs=", "finetune.epochs="))] + [
+    "pretrain.epochs=1", "finetune.epochs=1"]
 # Why a tolerance: vmap runs copy k's x @ W.T as one batched matmul over the copies, whose kernel may sum the
 # dot products in another order than the separate run's matmul; the optimiser and masks are element-wise
 # (exact). Observed differences are ~4e-8 in the weights after 4 epochs.
@@ -59,6 +64,21 @@ def mismatches(separate: list[dict], vectorized: list[dict]) -> list[str]:
         for key in ("test_loss",):
             if fa[key] != pytest.approx(fb[key], rel=1e-4, abs=1e-6):
                 bad.append(f"job {k}: final.{key} {fa[key]} != {fb[key]}")
+        for key in ("val_acc_best", "val_acc_last"):
+            if fa[key] is None or fa[key] != fb[key]:
+                bad.append(f"job {k}: final.{key} {fa[key]} != {fb[key]}")
+        ma, mb = a["stages"]["finetune"]["metrics"], b["stages"]["finetune"]["metrics"]
+        if set(ma) != set(mb):
+            bad.append(f"job {k}: finetune metrics keys differ: {sorted(set(ma) ^ set(mb))}")
+        for key in ("finetune/val/acc_best", "finetune/val/best_epoch", "finetune/val/acc_last"):
+            if ma.get(key) is None or ma.get(key) != mb.get(key):
+                bad.append(f"job {k}: finetune {key} {ma.get(key)} != {mb.get(key)}")
+        if mb.get("finetune/val/loss_last") != pytest.approx(ma.get("finetune/val/loss_last"), rel=1e-4, abs=1e-6):
+            bad.append(f"job {k}: finetune/val/loss_last {ma.get('finetune/val/loss_last')} != "
+                       f"{mb.get('finetune/val/loss_last')}")
+        if a["stages"]["finetune"]["strategy"] != b["stages"]["finetune"]["strategy"]:  # keep_best: best epoch
+            bad.append(f"job {k}: finetune strategy record {a['stages']['finetune']['strategy']} != "
+                       f"{b['stages']['finetune']['strategy']}")
         if a["stages"]["pretrain"]["cached"] != b["stages"]["pretrain"]["cached"]:
             bad.append(f"job {k}: pretrain cached flag differs")
         if a["stages"]["pretrain"].get("key") != b["stages"]["pretrain"].get("key"):
@@ -84,13 +104,19 @@ def vectorized(root: Path, overrides=BASE, jobs=None, **kw):
     return outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="fine-tuning stages now record per-epoch validation (pipeline/tracking.py ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path (equal results, no speed-up)")
-def test_vectorized_equals_separate_runs(separate, tmp_path):
+def test_vectorized_equals_separate_runs(separate, tmp_path, caplog):
     sep_root, sep = separate
-    outcomes = vectorized(tmp_path)
+    with caplog.at_level(logging.INFO, logger="prunelab.vectorized"):
+        outcomes = vectorized(tmp_path)
     assert [o.status for o in outcomes] == ["done"] * 6, [(o.status, o.reason, o.error) for o in outcomes]
     vec = [o.results for o in outcomes]
     assert mismatches(sep, vec) == []
+    # the vectorised loop (not the normal path) trained and validated every fine-tuning stage
+    assert "the normal way" not in caplog.text
+    for r in vec:
+        rec = json.loads((Path(r["results_file"]).parent / "vectorized.json").read_text())
+        assert rec["vectorized"] is True and rec["stages"]["finetune"]["validated_epochs"] == 2, rec
+        assert r["stages"]["finetune"]["metrics"]["finetune/val/acc_best"] == r["final"]["val_acc_best"]
     # copies differ from one another (own seed: own data, init and order), and accuracy is not saturated
     assert len({r["final"]["test_loss"] for r in vec}) == 6
     assert all(0.2 < r["final"]["test_acc"] < 1.0 for r in vec), [r["final"]["test_acc"] for r in vec]
@@ -101,6 +127,25 @@ def test_vectorized_equals_separate_runs(separate, tmp_path):
     assert rec["stages"]["pretrain"]["copies"] == 3 and rec["stages"]["finetune"]["copies"] == 6
 
 
+def test_keep_best_restores_each_copys_best_epoch(tmp_path, caplog):
+    """``finetune.keep_best=true``: each copy ends with the weights of its own best validation epoch (as the
+    stage's ModelCheckpoint keeps them), recorded in the stage's strategy record, equal to its separate run.
+    The recipe (3 epochs, lr 0.1) makes the best epoch an earlier one for a copy, so restoring it matters
+    (the check fails when the replay skips the keep-best checkpoint: that copy then ends at its last epoch)."""
+    overrides = [*BASE, "finetune.keep_best=true", "finetune.epochs=3", "finetune.optimizer.lr=0.1"]
+    jobs = [["seed=0", "prune.sparsity=0.5"], ["seed=1", "prune.sparsity=0.9"]]
+    sep = [run_pipeline(cfg) for cfg in configs(tmp_path / "separate", overrides, jobs)]
+    with caplog.at_level(logging.INFO, logger="prunelab.vectorized"):
+        outcomes = vectorized(tmp_path / "vectorized", overrides, jobs)
+    assert [o.status for o in outcomes] == ["done"] * 2, [(o.reason, o.error) for o in outcomes]
+    assert "the normal way" not in caplog.text
+    vec = [o.results for o in outcomes]
+    assert mismatches(sep, vec) == []
+    best = [r["stages"]["finetune"]["strategy"]["best_epoch"] for r in vec]
+    assert min(best) < 2, best  # an earlier epoch than the last is restored for at least one copy
+    assert best == [r["stages"]["finetune"]["metrics"]["finetune/val/best_epoch"] for r in vec]
+
+
 def test_vectorized_rerun_skips_finished_jobs(tmp_path):
     jobs = [["seed=0"], ["seed=1"]]
     first = vectorized(tmp_path, FAST, jobs)
@@ -109,8 +154,7 @@ def test_vectorized_rerun_skips_finished_jobs(tmp_path):
     assert [o.status for o in again] == ["skipped", "skipped"]
 
 
-@pytest.mark.parametrize("mutation", ["shared_data_order", pytest.param(
-    "no_masks_in_step", marks=pytest.mark.xfail(strict=True, reason="fine-tuning stages now record per-epoch validation (pipeline/tracking.py ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path (equal results, no speed-up)"))])
+@pytest.mark.parametrize("mutation", ["shared_data_order", "no_masks_in_step"])
 def test_equivalence_check_detects_mutations(separate, tmp_path, monkeypatch, mutation):
     """The equivalence test can fail: copies sharing copy 0's data order, or a step without the masks."""
     if mutation == "shared_data_order":
@@ -160,7 +204,6 @@ def test_vectorized_recipes_equal_separate_runs(tmp_path, recipe):
             assert torch.allclose(t, wb["model"][name], atol=ATOL, rtol=0), name
 
 
-@pytest.mark.xfail(reason="fine-tuning stages now record per-epoch validation (ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path")
 def test_masks_exact_after_every_step(tmp_path, monkeypatch):
     """Pruned weights are exactly zero after every optimiser step of every copy (AdamW with weight decay;
     checked when the step is complete, at the LR-scheduler step that ends it)."""
@@ -200,27 +243,41 @@ def test_masks_exact_after_every_step(tmp_path, monkeypatch):
         assert o.results["final"]["sparsity_direct"] == pytest.approx(o.cfg.prune.sparsity, abs=1e-4)
 
 
-@pytest.mark.xfail(reason="fine-tuning stages now record per-epoch validation (ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path")
 def test_dense_cache_shared_with_separate_runs(tmp_path):
     """A separate run's dense model is reused by a vectorised sweep in the same folder and the other way
     round: the cache key is the pipeline's own."""
-    run_pipeline(configs(tmp_path, FAST, [["seed=0"]])[0])
-    outcomes = run_vectorized(configs(tmp_path, FAST, [["seed=0", "prune.sparsity=0.5"], ["seed=1"]]))
+    run_pipeline(configs(tmp_path, SHARED_CACHE, [["seed=0"]])[0])
+    outcomes = run_vectorized(configs(tmp_path, SHARED_CACHE, [["seed=0", "prune.sparsity=0.5"], ["seed=1"]]))
     assert [o.status for o in outcomes] == ["done", "done"]
     assert [o.results["stages"]["pretrain"]["cached"] for o in outcomes] == [True, False]
     rec = json.loads((Path(outcomes[1].results["results_file"]).parent / "vectorized.json").read_text())
     assert rec["stages"]["pretrain"]["copies"] == 1  # only seed 1 was pretrained
-    later = run_pipeline(configs(tmp_path, FAST, [["seed=1", "prune.sparsity=0.7"]])[0])
+    later = run_pipeline(configs(tmp_path, SHARED_CACHE, [["seed=1", "prune.sparsity=0.7"]])[0])
     assert later["stages"]["pretrain"]["cached"] is True
 
 
 def test_out_of_scope_jobs_fall_back(tmp_path):
     outcomes = run_vectorized(configs(tmp_path, FAST, [["schedule=iterative"], ["finetune=overparam"],
                                                        ["method=l2_norm", "schedule=iterative_structured"],
-                                                       ["seed=3"]]))
-    assert [o.status for o in outcomes] == ["fallback", "fallback", "fallback", "done"]
+                                                       ["+trainer.check_val_every_n_epoch=2"], ["seed=3"]]))
+    assert [o.status for o in outcomes] == ["fallback", "fallback", "fallback", "fallback", "done"]
     assert "schedule=iterative" in outcomes[0].reason and "finetune=overparam" in outcomes[1].reason
     assert "structured" in outcomes[2].reason or "schedule=" in outcomes[2].reason
+    assert "check_val_every_n_epoch" in outcomes[3].reason  # the loop validates after every epoch
+
+
+def test_unsupported_callback_trains_the_normal_way(tmp_path, caplog):
+    """A configured Lightning callback the vectorised loop cannot honour: each training stage of the job
+    trains the normal way inside its pipeline (and says why); the job still completes, unvectorised."""
+    cfgs = configs(tmp_path, [*FAST, "+callbacks.timer._target_=lightning.pytorch.callbacks.Timer"], [["seed=0"]])
+    with caplog.at_level(logging.INFO, logger="prunelab.vectorized"):
+        outcomes = run_vectorized(cfgs)
+    assert [o.status for o in outcomes] == ["done"], [(o.reason, o.error) for o in outcomes]
+    for stage in ("pretrain", "finetune"):
+        assert f"{stage} of {cfgs[0].paths.output_dir}" in caplog.text
+    assert caplog.text.count("trains the normal way: Lightning callbacks are configured") == 2
+    assert not (Path(outcomes[0].results["results_file"]).parent / "vectorized.json").exists()
+    assert outcomes[0].results["final"]["val_acc_best"] is not None
 
 
 def test_num_batches_matches_lightning():
@@ -242,14 +299,15 @@ def test_num_batches_matches_lightning():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="fine-tuning stages now record per-epoch validation (ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path")
 def test_cli_vectorized_launcher(tmp_path):
     """``prunelab -m experiment=vectorized``: one results.json per job in the usual multirun folders; a job
     outside the scope runs the normal way and says why."""
     out = prunelab(tmp_path, "-m", "experiment=vectorized", *FAST, "logger=csv", "seed=0,1",
                    "schedule=oneshot,iterative", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    jobs = [p for p in (tmp_path / "outputs" / "multirun" / "default").iterdir() if p.is_dir()]
+    # outputs/multirun/<name>/<sweep id>/<job folder>
+    jobs = [p for p in (tmp_path / "outputs" / "multirun" / "default").glob("*/*")
+            if p.is_dir() and not p.name.startswith(".")]
     assert len(jobs) == 4 and all((j / "results.json").exists() and (j / ".hydra" / "config.yaml").exists()
                                   for j in jobs)
     vec = [j for j in jobs if (j / "vectorized.json").exists()]
@@ -288,13 +346,12 @@ def test_epoch_batches_are_the_pipeline_batches(tmp_path, data):
         assert not torch.equal(batches.batch(0)[1][0], batches.batch(0)[1][1])
 
 
-@pytest.mark.xfail(reason="fine-tuning stages now record per-epoch validation (ValidationTracker), which the vectorised loop does not compute yet: they fall back to the normal path")
 def test_methods_share_one_group_and_equal_separate_runs(tmp_path):
     """Jobs that differ only in what decides the masks (method, its options, sparsity) fine-tune as one
     stacked model; each copy still equals its separate run."""
     jobs = [["method=lamp"], ["method=grasp", "prune.sparsity=0.7"], ["method=synflow", "method.rounds=5"],
             ["method=random", "allocation=erk"]]
-    overrides = [*FAST, "data.signal=0.3"]
+    overrides = SHARED_CACHE  # one dense pretraining in the shared cache, reused by the other three jobs
     sep = [run_pipeline(cfg) for cfg in configs(tmp_path / "separate", overrides, jobs)]
     outcomes = run_vectorized(configs(tmp_path / "vectorized", overrides, jobs))
     assert [o.status for o in outcomes] == ["done"] * 4, [(o.reason, o.error) for o in outcomes]

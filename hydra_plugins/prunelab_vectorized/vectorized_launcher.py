@@ -3,7 +3,8 @@ with the training stages of its jobs vectorised (:mod:`prunelab.vectorized`).
 
 Every job gets what Hydra's basic launcher gives it (its sweep config, output folder, ``.hydra/`` files,
 its ``JobReturn`` with the test accuracy as return value); then all jobs run through
-:func:`prunelab.vectorized.run_vectorized`. A job outside the vectorised scope runs the normal way through
+:func:`prunelab.vectorized.run_vectorized`, and each job's Hydra record is settled as ``run_pipeline``
+settles it in a normal job (:func:`_settle_hydra_files`: moved into ``.hydra/`` once the run owns its folder). A job outside the vectorised scope runs the normal way through
 Hydra's ``run_job`` after the others (the reason is logged); a failing job writes ``error.txt`` and returns
 NaN, as ``prunelab --multirun`` does. This module imports no torch: Hydra imports every plugin at start-up.
 """
@@ -38,9 +39,40 @@ ConfigStore.instance().store(group="hydra/launcher", name="vectorized", node=Vec
 
 def _resolved(cfg: DictConfig) -> DictConfig:
     """The job's config with every interpolation resolved now, while Hydra's config is the job's own
-    (``${hydra:runtime.output_dir}`` and the run id are per job; the jobs then run side by side)."""
+    (``${hydra:runtime.output_dir}`` and the run id are per job; the jobs then run side by side), and with
+    the pruning target resolved first from the job's own command-line keys, as ``run_pipeline`` does (the
+    run's hash, hence its folder claim, must be the one a normal run of the job computes)."""
+    from prunelab.config import apply_prune_target
+
+    apply_prune_target(cfg)
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _settle_hydra_files(ret: JobReturn, status: str, cfg: DictConfig) -> None:
+    """What ``run_pipeline`` does with Hydra's record of a job (written to ``hydra.output_subdir``, a
+    pending folder) in a normal job, done here with the job's own Hydra config: a job that ran (``done``)
+    or failed in a folder it claimed adopts it as ``.hydra/``; a ``skipped`` job, or one refused before it
+    claimed its folder, discards it (:func:`prunelab.pipeline.run.discard_hydra_files`). A job that falls
+    back is settled by its normal run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from prunelab.config import identity, stable_hash
+    from prunelab.pipeline.run import adopt_hydra_files, discard_hydra_files
+    from prunelab.utils.io import read_record
+
+    if status == "fallback" or ret.hydra_cfg is None:
+        return
+    own = status == "done"
+    if status == "failed":
+        claim = read_record(Path(cfg.paths.output_dir) / "run.json", ("run_id",), what="run record")
+        own = claim is not None and claim["run_id"] == stable_hash(identity(cfg))
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(ret.hydra_cfg)
+    try:
+        adopt_hydra_files() if own else discard_hydra_files()
+    finally:
+        HydraConfig.instance().cfg = previous
 
 
 class VectorizedLauncher(Launcher):
@@ -86,6 +118,7 @@ class VectorizedLauncher(Launcher):
         outcomes = run_vectorized(cfgs, max_copies=self.max_copies)
         runs: list[JobReturn] = []
         for ret, sweep_config, out in zip(rets, sweep_configs, outcomes):
+            _settle_hydra_files(ret, out.status, out.cfg)
             if out.status == "fallback":  # run_vectorized logged the reason
                 runs.append(self._run_job(sweep_config, self.task_function))
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

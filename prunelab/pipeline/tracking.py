@@ -35,13 +35,17 @@ class ValidationTracker(pl.Callback):
         acc = metrics.get(f"{self.stage}/val/acc")
         if acc is None:
             return
-        acc = float(acc)
         loss = metrics.get(f"{self.stage}/val/loss")
+        self.record(int(trainer.current_epoch), float(acc), None if loss is None else float(loss))
+
+    def record(self, epoch: int, acc: float, loss: float | None) -> None:
+        """One epoch's validation result (the epoch-level accuracy and loss). Also how a training loop other
+        than Lightning's (prunelab/vectorized) reports the epochs it validated, in order."""
         self.last = acc
-        self.last_loss = None if loss is None else float(loss)
+        self.last_loss = loss
         # NaN never becomes the best; ties keep the earlier epoch (as ModelCheckpoint does)
         if not math.isnan(acc) and (self.best is None or acc > self.best):
-            self.best, self.best_epoch = acc, int(trainer.current_epoch)
+            self.best, self.best_epoch = acc, int(epoch)
 
     def metrics(self) -> dict[str, Any]:
         """``<stage>/val/acc_best|best_epoch|acc_last|loss_last``; empty when no validation ran."""

@@ -18,13 +18,21 @@ with its :class:`RunContext` replaced by a :class:`ReplayContext` whose only dif
 So the dense cache (key: ``RunContext.dense_key``), scoring, masks, evaluation, stage records and
 ``results.json`` are written by the pipeline's own code, as in a separate run: a separate run reuses the
 dense models a vectorised sweep cached and vice versa. The only differences in a copy's outputs: its
-``train_time_s`` is the group's wall time divided by the copies, ``wall_time_s`` covers the last pass, the
-logger gets the per-epoch training loss/accuracy but no per-epoch validation, and ``vectorized.json`` in
-the run folder records the groups its stages were trained in.
+``train_time_s`` is the group's wall time divided by the copies, ``wall_time_s`` covers the last pass, and
+``vectorized.json`` in the run folder records the groups its stages were trained in (``vectorized: true``
+and, per stage trained so, its group): the proof that a copy's stages were not trained the normal way.
 
-A fit that cannot be vectorised (Lightning callbacks, a training hook or extra loss, a model with batch
-statistics, a stage resuming from a checkpoint) runs the normal way inside the copy's pipeline, with a log
-line; a job outside the scope (:func:`why_not`) is returned as ``fallback`` for the caller to run normally.
+Validation: the vectorised loop validates every copy after every epoch as Lightning would
+(:func:`prunelab.vectorized.train.validate`); on replay the stage's own callbacks get the results the
+Lightning loop would have given them: its :class:`~prunelab.pipeline.tracking.ValidationTracker` the
+per-epoch accuracy and loss (so the record holds ``<stage>/val/acc_best`` etc.), and its keep-best
+``ModelCheckpoint`` (``finetune.keep_best``) the best epoch, written where it would have saved it
+(:func:`_replay_callbacks`); the logger gets the per-epoch training and validation metrics.
+
+A fit that cannot be vectorised (any other Lightning callback, a training hook or extra loss, a model with
+batch statistics, a stage resuming from a checkpoint) runs the normal way inside the copy's pipeline, with a
+log line; a job outside the scope (:func:`why_not`) is returned as ``fallback`` for the caller to run
+normally.
 """
 
 from __future__ import annotations
@@ -39,12 +47,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from prunelab.config import identity
 from prunelab.pipeline.context import RunContext
+from prunelab.pipeline.tracking import ValidationTracker
 from prunelab.training.hooks import TrainHook
-from prunelab.utils.io import atomic_write_json, read_json
+from prunelab.utils.io import atomic_torch_save, atomic_write_json, read_json
 from prunelab.vectorized.stacked import unsupported_model
 from prunelab.vectorized.train import Request, Trained, device_of, group_key, train_group
 
@@ -92,14 +103,15 @@ class _KeepFirst(dict):
             super().__setitem__(key, value)
 
 
-def fingerprint(ctx: RunContext, module, epochs: int) -> str:
+def fingerprint(ctx: RunContext, module, epochs: int, keep_best: bool = False) -> str:
     """Hash of everything a training stage's result depends on: stage, epochs, recipe, the data config
-    (content, split and order seed), the batches-per-epoch limit, the model config and device, the initial
-    weights and the masks (their bytes)."""
+    (content, splits and order seed), the batches-per-epoch limits (training and validation), whether it
+    keeps its best epoch, the model config and device, the initial weights and the masks (their bytes)."""
     h = hashlib.sha256()
     meta = {"stage": module.stage, "epochs": int(epochs), "optimizer": module.optimizer_cfg,
             "scheduler": module.scheduler_cfg, "data": identity(ctx.cfg, keys=["data", "model"]),
-            "limit": ctx.cfg.trainer.get("limit_train_batches"), "device": str(device_of(ctx.cfg))}
+            "limit": ctx.cfg.trainer.get("limit_train_batches"), "device": str(device_of(ctx.cfg)),
+            "limit_val": ctx.cfg.trainer.get("limit_val_batches"), "keep_best": bool(keep_best)}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for name, t in module.model.state_dict().items():
         h.update(name.encode())
@@ -111,10 +123,24 @@ def fingerprint(ctx: RunContext, module, epochs: int) -> str:
     return h.hexdigest()
 
 
+def is_keep_best(module, cb) -> bool:
+    """``cb`` is the checkpoint ``train_stage`` attaches for ``finetune.keep_best`` (best validation accuracy
+    of this stage, one file): the one ModelCheckpoint whose result the vectorised loop reproduces."""
+    return (type(cb) is ModelCheckpoint and cb.monitor == f"{module.stage}/val/acc" and cb.mode == "max"
+            and cb.save_top_k == 1 and cb.dirpath is not None)
+
+
 def fit_unsupported(ctx: RunContext, module, ckpt_dir: Path, callbacks) -> str | None:
-    """Why this fit runs the normal way (``None``: it is vectorised)."""
-    if callbacks or ctx.callbacks_cfg:
-        return "Lightning callbacks are attached"
+    """Why this fit runs the normal way (``None``: it is vectorised). Of the callbacks, the stage's
+    :class:`ValidationTracker` and its keep-best checkpoint are vectorised (:func:`_replay_callbacks`)."""
+    if ctx.callbacks_cfg:
+        return "Lightning callbacks are configured (callbacks=...)"
+    for cb in callbacks or []:
+        if type(cb) is ValidationTracker and cb.stage == module.stage:
+            continue
+        if is_keep_best(module, cb):
+            continue
+        return f"Lightning callback {type(cb).__name__} is attached"
     if type(module.hook) is not TrainHook:
         return f"training hook {type(module.hook).__name__}"
     if module.extra_loss is not None:
@@ -147,10 +173,12 @@ class ReplayContext(RunContext):
         if reason is not None:
             log.info("vectorized: %s of %s trains the normal way: %s", module.stage, self.run_dir, reason)
             return super().fit(module, epochs, ckpt_dir, callbacks)
-        fp = fingerprint(self, module, epochs)
+        keep_best = any(is_keep_best(module, cb) for cb in callbacks or [])
+        fp = fingerprint(self, module, epochs, keep_best)
         done = self.shared.trained.get(fp)
         if done is None:
-            raise NeedTraining(Request(self, module, int(epochs), fp))
+            raise NeedTraining(Request(self, module, int(epochs), fp, keep_best=keep_best))
+        _replay_callbacks(module, done, callbacks or [])
         module.model.load_state_dict(done.state)
         for row in done.epoch_metrics:
             row = dict(row)
@@ -163,9 +191,35 @@ class ReplayContext(RunContext):
     def _record(self, stage: str, done: Trained, fp: str) -> None:
         path = self.run_dir / "vectorized.json"
         rec = read_json(path) if path.exists() else {"stages": {}}
+        rec["vectorized"] = True
         rec["stages"][stage] = {"copies": done.copies, "group_train_time_s": done.group_time_s,
-                                "train_time_s": done.time_s, "fingerprint": fp[:16]}
+                                "train_time_s": done.time_s, "fingerprint": fp[:16],
+                                "validated_epochs": len(done.val)}
         atomic_write_json(rec, path)
+
+
+def _replay_callbacks(module, done: Trained, callbacks: list) -> None:
+    """Give the stage's callbacks what the Lightning loop would have given them.
+
+    - :class:`ValidationTracker`: each validated epoch's accuracy and loss, in order (``record``, the method
+      its ``on_validation_end`` calls with Lightning's epoch-level values);
+    - the keep-best ``ModelCheckpoint``: ``best_model_path``, ``best_model_score`` and the file there, holding
+      what ``train_stage`` reads from it: ``state_dict`` (the module's own state dict with the best epoch's
+      weights, so ``module.load_state_dict`` restores that epoch) and ``epoch``. Without validation
+      (``trainer.limit_val_batches=0``) nothing is saved, as Lightning saves nothing it cannot monitor.
+
+    Leaves ``module.model`` with whatever weights it had (the caller loads the last epoch's)."""
+    for cb in callbacks:
+        if type(cb) is ValidationTracker:
+            for epoch, (acc, loss) in enumerate(done.val):
+                cb.record(epoch, acc, loss)
+        elif is_keep_best(module, cb) and done.best is not None:
+            path = Path(cb.dirpath) / f"{cb.filename or 'best'}{cb.FILE_EXTENSION}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            module.model.load_state_dict(done.best.state)
+            atomic_torch_save({"state_dict": module.state_dict(), "epoch": done.best.epoch}, path)
+            cb.best_model_path = str(path)
+            cb.best_model_score = torch.tensor(done.best.score)
 
 
 def why_not(ctx: RunContext) -> str | None:
@@ -186,8 +240,6 @@ def why_not(ctx: RunContext) -> str | None:
         return f"method={getattr(ctx.scorer, 'name', ctx.scorer)} prunes units (structured)"
     if type(ctx.finetune) is not Finetune:
         return f"finetune={getattr(ctx.finetune, 'name', ctx.finetune)} (vectorised: vanilla)"
-    if ctx.finetune.keep_best:
-        return "finetune.keep_best=true (needs per-epoch validation checkpoints)"
     t = cfg.trainer
     extra = sorted(set(t) - TRAINER_KEYS)
     if extra:
@@ -236,6 +288,7 @@ def run_vectorized(cfgs: list[DictConfig], max_copies: int | None = None) -> lis
     """Run the jobs ``cfgs`` (resolved configs, each with its own ``paths.output_dir``), their training
     stages vectorised; returns one :class:`Outcome` per job, in order. ``max_copies``: most copies per
     stacked model (memory); larger groups are trained in chunks."""
+    from prunelab.config import apply_prune_target
     from prunelab.pipeline.run import build_context, finished_results, run_pipeline
 
     shared = _Shared()
@@ -243,6 +296,9 @@ def run_vectorized(cfgs: list[DictConfig], max_copies: int | None = None) -> lis
     jobs: list[_Job] = []
     for i, cfg in enumerate(cfgs):
         try:
+            # as run_pipeline does first: the run's hash (its folder claim, its results) is of the resolved
+            # target, so a job that falls back and runs normally finds its folder claimed by itself
+            apply_prune_target(cfg)
             done = finished_results(cfg)
             if done is not None:
                 log.info("already done: %s (delete it to run again)", done["results_file"])
