@@ -362,25 +362,27 @@ def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
     return results
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured experiment; returns the results dict (also written to ``results.json``)."""
+def run_pipeline(cfg: DictConfig, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Run the configured experiment; returns the results dict (also written to ``results.json``).
+    ``ctx``: a context built already (:func:`build_context`; the vectorised runner passes one whose stages it
+    trained), so results.json is assembled here whatever its keys become."""
     try:
-        return _run_pipeline(cfg)
+        return _run_pipeline(cfg, ctx)
     finally:
         release_run_dirs()
 
 
-def _run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+def _run_pipeline(cfg: DictConfig, ctx: RunContext | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     given = given_target(cfg)
     apply_prune_target(cfg)
-    done = finished_results(cfg)
+    done = finished_results(cfg) if ctx is None else None
     if done is not None:
         discard_hydra_files()
         log.info("already done: %s (delete it to run again)", done["results_file"])
         return done
     try:
-        ctx = build_context(cfg, given)
+        ctx = build_context(cfg, given) if ctx is None else ctx
     except BaseException:
         discard_hydra_files()
         raise

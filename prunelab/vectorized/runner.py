@@ -37,7 +37,6 @@ normally.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -262,20 +261,6 @@ def why_not(ctx: RunContext) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _pipeline_context(ctx: RunContext):
-    """``run_pipeline`` with its context built already (``ctx``): results.json is then assembled by the
-    pipeline's own ``run_pipeline``, whatever its keys become."""
-    from prunelab.pipeline import run as run_mod
-
-    original = run_mod.build_context
-    run_mod.build_context = lambda cfg: ctx
-    try:
-        yield
-    finally:
-        run_mod.build_context = original
-
-
 @dataclass
 class _Job:
     index: int
@@ -289,7 +274,7 @@ def run_vectorized(cfgs: list[DictConfig], max_copies: int | None = None) -> lis
     stages vectorised; returns one :class:`Outcome` per job, in order. ``max_copies``: most copies per
     stacked model (memory); larger groups are trained in chunks."""
     from prunelab.config import apply_prune_target
-    from prunelab.pipeline.run import build_context, finished_results, run_pipeline
+    from prunelab.pipeline.run import build_context, finished_results, given_target, run_pipeline
 
     shared = _Shared()
     outcomes: list[Outcome | None] = [None] * len(cfgs)
@@ -298,13 +283,14 @@ def run_vectorized(cfgs: list[DictConfig], max_copies: int | None = None) -> lis
         try:
             # as run_pipeline does first: the run's hash (its folder claim, its results) is of the resolved
             # target, so a job that falls back and runs normally finds its folder claimed by itself
+            given = given_target(cfg)
             apply_prune_target(cfg)
             done = finished_results(cfg)
             if done is not None:
                 log.info("already done: %s (delete it to run again)", done["results_file"])
                 outcomes[i] = Outcome(cfg, "skipped", results=done)
                 continue
-            ctx = build_context(cfg)
+            ctx = build_context(cfg, given)
         except Exception:
             outcomes[i] = Outcome(cfg, "failed", error=traceback.format_exc())
             continue
@@ -320,8 +306,7 @@ def run_vectorized(cfgs: list[DictConfig], max_copies: int | None = None) -> lis
         requests: list[Request] = []
         for job in active:
             try:
-                with _pipeline_context(job.ctx):
-                    results = run_pipeline(job.cfg)
+                results = run_pipeline(job.cfg, ctx=job.ctx)
                 outcomes[job.index] = Outcome(job.cfg, "done", results=results)
             except NeedTraining as need:
                 req = need.request
