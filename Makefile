@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/prunelab experiment=demo
 
 test: $(STAMP)         # the whole suite (what CI runs)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n 2 --dist worksteal tests
 
 test-fast: $(STAMP)    # unit and property tests only (no end-to-end pipelines, CLI subprocesses, DDP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n 2 --dist worksteal -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prunelab tests scripts

@@ -4,8 +4,10 @@
 
 One row per (setting, rule, Delta F_N variant): test accuracy after fine-tuning, accuracy right after pruning
 (before fine-tuning), fraction of units removed, fraction of parameters removed (a unit's in- and out-weights
-plus its noise parameters, over the noisy model's parameters), mean over seeds (n = number of runs). Runs
-without a BMRS rule (e.g. the dense baseline of scripts/reproduce_bmrs_small.sh) appear as rule "none".
+plus its noise parameters, over the noisy model's parameters), mean ± sd over seeds (n = number of runs). Runs
+without a BMRS rule appear as rule "none" (the dense baseline of scripts/reproduce_bmrs_*.sh, run name
+``<setting>_none``) or "l2" (one-shot L2-norm unit pruning, ``method=l2_norm``, run name ``<setting>_l2``);
+they are listed under their setting.
 
 PAPER holds the numbers the paper reports (Wright, Igel, Selvan, NeurIPS 2024, Table 1: parameter compression %
 and test accuracy, mean of 10 runs). They could not be retrieved when this script was written (no network
@@ -34,10 +36,12 @@ PAPER: dict[tuple[str, str], tuple[float | None, float | None]] = {
 }
 
 
-def _fmt(v, pct: bool = True) -> str:
+def _fmt(v, sd=None, pct: bool = True) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+    k = 100 if pct else 1
+    text = f"{k * v:.1f}"
+    return text + (f" ± {k * sd:.1f}" if sd is not None and not math.isnan(sd) else "")
 
 
 def table(dirs: list[str]) -> str:
@@ -46,25 +50,32 @@ def table(dirs: list[str]) -> str:
         return "no finished runs found in " + ", ".join(dirs)
     get = lambda col, default=None: runs[col] if col in runs else default  # noqa: E731
     runs = runs.assign(
-        setting=get("config.name", "?"),
+        setting=get("config.name", "?").astype(str).str.replace(r"_(none|l2)$", "", regex=True),
         rule_=get("final.rule", None),
         variant=get("final.delta_f_n_variant", None),
         p=get("config.method.p", None),
     )
-    runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none")
+    l2 = (runs["choices.method"] == "l2_norm") if "choices.method" in runs else runs["rule_"].isna() & False
+    runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
     rows = []
     for (setting, rule, variant, p), g in runs.groupby(["setting", "rule_", "variant", "p"], dropna=False, sort=True):
         key = rule if rule != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}"
         label = key if rule != "bmrs_n" else f"bmrs_n ({variant})"
         paper_acc, paper_comp = PAPER.get((setting, key), (None, None))
 
-        def mean(col, g=g):
-            return float(g[col].astype(float).mean()) if col in g and g[col].notna().any() else None
+        def ms(col, g=g):
+            if col not in g or not g[col].notna().any():
+                return None, None
+            v = g[col].astype(float)
+            return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
-        rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(mean('final.test_acc'))} | "
-                    f"{_fmt(mean('final.prune_test_acc') if rule != 'none' else None)} | {_fmt(mean('final.frac_units_removed'))} | "
-                    f"{_fmt(mean('final.frac_params_removed'))} | {_fmt(paper_acc, False)} | "
-                    f"{_fmt(paper_comp, False)} |")
+        units, params = ms("final.frac_units_removed"), ms("final.frac_params_removed")
+        if rule == "l2":  # structured one-shot: the fraction of parameters removed by the compaction
+            b, a = ms("final.params_before")[0], ms("final.params_after")[0]
+            params = (1 - a / b if a is not None and b else None, None)
+        rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(*ms('final.test_acc'))} | "
+                    f"{_fmt(*ms('final.prune_test_acc')) if rule != 'none' else 'n/a'} | "
+                    f"{_fmt(*units)} | {_fmt(*params)} | {_fmt(paper_acc, pct=False)} | {_fmt(paper_comp, pct=False)} |")
     head = ("| setting | rule | n | test acc % | acc % after pruning (before FT) | units removed % | "
             "params removed % | paper acc % | paper params removed % |\n"
             "|---|---|---|---|---|---|---|---|---|")

@@ -75,7 +75,20 @@ END_TO_END = {
 }
 
 
+# The longest tests first: with `-n 2 --dist worksteal` (make test) one worker starts on them while the other
+# works through the rest and steals what is left, so the suite takes about max(longest, total / 2).
+LONGEST_FIRST = ("test_readme", "test_ddp", "test_cli")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in END_TO_END:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)

@@ -55,11 +55,13 @@ def readme_commands(text: str) -> list[str]:
     return [c for _, c in sorted(found)]
 
 
-def _sweep(value: str) -> str:
-    """At most two values of a swept option (``a,b,c`` -> ``a,b``); lists and functions are left alone."""
-    if "," in value and not value.startswith(("[", "{")) and "(" not in value:
-        return ",".join(value.split(",")[:2])
-    return value
+def _swept(value: str) -> bool:
+    return "," in value and not value.startswith(("[", "{")) and "(" not in value
+
+
+def _sweep(value: str, keep: int = 2) -> str:
+    """At most ``keep`` values of a swept option (``a,b,c`` -> ``a,b``); lists and functions are left alone."""
+    return ",".join(value.split(",")[:keep]) if _swept(value) else value
 
 
 def overlay_choice(experiment: str | None, group: str) -> str | None:
@@ -69,6 +71,19 @@ def overlay_choice(experiment: str | None, group: str) -> str | None:
     overlay = ROOT / "conf" / "experiment" / f"{experiment.strip('[]').split(',')[0]}.yaml"
     match = re.search(rf"override /{group}:\s*(\w+)", overlay.read_text()) if overlay.exists() else None
     return match.group(1) if match else None
+
+
+def overlay_grid(experiment: str | None) -> dict[str, str]:
+    """The grid an experiment overlay declares for ``--multirun`` (``hydra.sweeper.params``), as strings."""
+    import yaml
+
+    grid = {}
+    for name in (experiment or "").strip("[]").split(","):
+        overlay = ROOT / "conf" / "experiment" / f"{name}.yaml"
+        if name and overlay.exists():
+            params = ((yaml.safe_load(overlay.read_text()) or {}).get("hydra") or {}).get("sweeper", {})
+            grid.update({k: str(v) for k, v in (params or {}).get("params", {}).items()})
+    return grid
 
 
 def reduce_command(line: str) -> list[str] | None:
@@ -91,7 +106,10 @@ def reduce_command(line: str) -> list[str] | None:
             flags.append(w)
             continue
         key, _, value = w.partition("=")
-        opts[key] = _sweep(value)
+        # a grid keeps two values of its first swept option and one of the others (2 jobs, not 2^k): the
+        # multirun machinery, the sweep folder and the report still see several jobs
+        first = not any(_swept(v) for k, v in opts.items() if k != "experiment")
+        opts[key] = _sweep(value, 2 if key == "experiment" or first else 1)
     data = opts.get("data") or overlay_choice(opts.get("experiment"), "data")
     if data in SHAPES:
         shape, classes = SHAPES[data]
@@ -124,6 +142,13 @@ def reduce_command(line: str) -> list[str] | None:
         opts.setdefault("schedule.frequency", "1")
     if "hparams_search" in opts:
         opts["hydra.sweeper.n_trials"] = "2"
+    if flags and "hparams_search" not in opts:
+        # an overlay's own grid (hydra.sweeper.params) is reduced like the command line's: the command line
+        # overrides a swept key, so each grid key gets its first value (two for the first swept option)
+        for key, value in overlay_grid(opts.get("experiment")).items():
+            if key not in opts:
+                first = not any(_swept(v) for k, v in opts.items() if k != "experiment")
+                opts[key] = _sweep(value, 2 if first else 1)
     for key, value in FAST.items():
         if key not in opts and (synthetic or key not in SYNTHETIC_ONLY):
             opts[key] = value
@@ -169,7 +194,7 @@ def test_readme_has_commands():
 def test_reduction_keeps_what_the_command_selects():
     args = reduce_command("prunelab --multirun data=cifar10 method=snip,grasp,synflow seed=0,1,2")
     assert "data=synthetic" in args and "data.input_shape=[3,32,32]" in args
-    assert "method=snip,grasp" in args and "seed=0,1" in args and "--multirun" in args
+    assert "method=snip,grasp" in args and "seed=0" in args and "--multirun" in args
     assert reduce_command("make test") is None
 
 
@@ -181,6 +206,11 @@ def test_mixed_schedule_sweep_is_split_so_each_pruning_stage_is_short():
     assert "experiment=dllp_resnet56_cifar10_magnitude" in runs[1]
     assert not any(a.startswith("schedule.") for a in runs[1])
     assert all("prune.sparsity=0.3,0.5" in r for r in runs)
+    assert reduce_commands("prunelab -m method=a,b,c prune.compression=10,100 seed=0,1,2") == [
+        reduce_command("prunelab -m method=a,b prune.compression=10 seed=0")]
+    # an overlay's own grid (3 strategies x 3 amounts) is cut the same way: 2 jobs
+    args = reduce_command("prunelab -m experiment=overparam_resnet56_cifar10")
+    assert "finetune=vanilla,overparam" in args and "method.amount=0.5" in args
 
 
 @pytest.mark.slow
