@@ -116,8 +116,11 @@ def reduce_command(line: str) -> list[str] | None:
         opts = {k: v for k, v in opts.items() if not (k.startswith("data.") and k != "data.batch_size")}
         opts.update({"data": "synthetic", "data.input_shape": str(shape).replace(" ", ""),
                      "data.num_classes": str(classes)})
+        if classes > int(FAST["data.num_train"]):  # the synthetic set holds every class
+            opts["data.num_train"] = str(classes)
     synthetic = opts.get("data") == "synthetic"
-    opts.pop("model.weights", None)  # a local checkpoint file of the user's
+    if "trainer" not in opts and overlay_choice(opts.get("experiment"), "trainer") in ("gpu", "ddp"):
+        opts["trainer"] = overlay_choice(opts.get("experiment"), "trainer")  # an overlay's GPU trainer: below
     if opts.get("trainer") == "gpu":
         opts["trainer"] = "cpu"
     if opts.get("trainer") == "ddp":
@@ -169,6 +172,23 @@ def reduce_commands(line: str) -> list[list[str]]:
         return [reduce_command(line)]
     return [reduce_command(shlex.join(w if w is not swept[0] else f"experiment={e}" for w in words))
             for e in overlays]
+
+
+def provide_weights(args: list[str], cwd: Path) -> None:
+    """A ``model.weights=<file>`` of the README (the user's local checkpoint, e.g. torchvision's ResNet-50) is
+    written into ``cwd``: a state dict of the selected architecture for the reduced command's data shape, so
+    the command runs the real loading path."""
+    opts = dict(a.partition("=")[::2] for a in args if "=" in a and not a.startswith("-"))
+    path = opts.get("model.weights")
+    if not path or (cwd / path).exists():
+        return
+    import torch
+
+    from prunelab.models import build_model
+
+    name = opts.get("model") or overlay_choice(opts.get("experiment"), "model")
+    shape = [int(v) for v in opts["data.input_shape"].strip("[]").split(",")]
+    torch.save(build_model(name, shape, int(opts["data.num_classes"])).state_dict(), cwd / path)
 
 
 def fill_placeholders(arg: str, cwd: Path) -> str:
@@ -227,6 +247,7 @@ def test_readme_commands_run(tmp_path):
             continue
         for args in reduce_commands(line):
             args = [fill_placeholders(a, tmp_path) for a in args]
+            provide_weights(args, tmp_path)
             out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
             if out.returncode != 0:
                 failures.append(f"{line}\n  ran: {' '.join(args[2:])}\n  {(out.stderr or out.stdout)[-1500:]}")
