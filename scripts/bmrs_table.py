@@ -55,7 +55,7 @@ def table(dirs: list[str]) -> str:
         variant=get("final.delta_f_n_variant", None),
         p=get("config.method.p", None),
     )
-    l2 = (runs["choices.method"] == "l2_norm") if "choices.method" in runs else runs["rule_"].isna() & False
+    l2 = (runs["config.method.criterion"] == "l2_norm") if "config.method.criterion" in runs else runs["rule_"].isna() & False
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
     rows = []
     for (setting, rule, variant, p), g in runs.groupby(["setting", "rule_", "variant", "p"], dropna=False, sort=True):
@@ -70,9 +70,10 @@ def table(dirs: list[str]) -> str:
             return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
         units, params = ms("final.frac_units_removed"), ms("final.frac_params_removed")
-        if rule == "l2":  # structured one-shot: the fraction of parameters removed by the compaction
-            b, a = ms("final.params_before")[0], ms("final.params_after")[0]
-            params = (1 - a / b if a is not None and b else None, None)
+        if rule == "l2":  # structured one-shot: units and parameters removed by the compaction
+            g = g.assign(u=g["final.units_removed_frac"].astype(float),
+                         p=1 - g["final.params_after"].astype(float) / g["final.params_before"].astype(float))
+            units, params = ms("u", g), ms("p", g)
         rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(*ms('final.test_acc'))} | "
                     f"{_fmt(*ms('final.prune_test_acc')) if rule != 'none' else 'n/a'} | "
                     f"{_fmt(*units)} | {_fmt(*params)} | {_fmt(paper_acc, pct=False)} | {_fmt(paper_comp, pct=False)} |")
