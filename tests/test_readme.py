@@ -234,6 +234,7 @@ def test_mixed_schedule_sweep_is_split_so_each_pruning_stage_is_short():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~35 commands in sequence (~6-9 min on 2 cores); `make test` starts it first
 def test_readme_commands_run(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore",
                PYTHONPATH=str(ROOT))
