@@ -17,28 +17,14 @@ and the posterior shift of the default arm (mean |rho - pi|, mode flips, particl
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_dllp import _acc, _decide, _digits_mlp  # noqa: E402
-
-
-def l2_same_counts(net: nn.Module, counts: dict[str, int]) -> nn.Module:
-    out = copy.deepcopy(net)
-    with torch.no_grad():
-        for name, k in counts.items():
-            layer = out.get_submodule(name)
-            mask = torch.zeros(layer.out_features, dtype=torch.bool)
-            mask[layer.weight.norm(dim=1).argsort(descending=True)[:k]] = True
-            layer.weight.mul_(mask[:, None])
-            layer.bias.mul_(mask)
-    return out
+from test_dllp import _acc, _decide, _digits_mlp, _l2_same_counts  # noqa: E402
 
 
 def prior_decision(dl, k: int) -> dict[str, torch.Tensor]:
@@ -73,7 +59,7 @@ def main() -> None:
                 rows.setdefault(f"dllp[{prior}]", []).append(_acc(dl.pruned_model(keep=keep), test))
                 rows.setdefault(f"prior[{prior}]", []).append(_acc(dl.pruned_model(keep=prior_decision(dl, k)), test))
                 if prior == args.priors[0]:
-                    rows.setdefault("l2", []).append(_acc(l2_same_counts(net, {n: int(v.sum()) for n, v in keep.items()}), test))
+                    rows.setdefault("l2", []).append(_acc(_l2_same_counts(net, {n: int(v.sum()) for n, v in keep.items()}), test))
                     sh = dl.posterior_shift(keep)
                     for key in ("mean_abs_diff", "mode_flip_fraction", "particle_flip_fraction",
                                 "decision_vs_prior_fraction", "js"):

@@ -626,6 +626,20 @@ def _digits_mlp(seed: int):
     return net, train, test
 
 
+def _l2_same_counts(net: nn.Module, counts: dict[str, int]) -> nn.Module:
+    """One-shot L2 unit pruning keeping, in each named Linear layer, the ``counts[name]`` units of largest
+    incoming-weight norm (rows and biases of the others zeroed)."""
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, k in counts.items():
+            layer = out.get_submodule(name)
+            mask = torch.zeros(layer.out_features, dtype=torch.bool)
+            mask[layer.weight.norm(dim=1).argsort(descending=True)[:k]] = True
+            layer.weight.mul_(mask[:, None])
+            layer.bias.mul_(mask)
+    return out
+
+
 def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
     """Property 3: 70 % of the 80 hidden units of a digits MLP removed; before any fine-tuning, DLLP's deployed
     network is more accurate than removing, in each layer, the same number of units of smallest incoming L2 norm
@@ -636,14 +650,7 @@ def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
         keep, dl = _decide(net, train, seed, 0.7, steps=300)
         counts = {n: int(k.sum()) for n, k in keep.items()}
         assert sum(counts.values()) == round(0.3 * 80)
-        l2 = copy.deepcopy(net)
-        with torch.no_grad():
-            for name, k in counts.items():
-                layer = l2.get_submodule(name)
-                mask = torch.zeros(layer.out_features, dtype=torch.bool)
-                mask[layer.weight.norm(dim=1).argsort(descending=True)[:k]] = True
-                layer.weight.mul_(mask[:, None])
-                layer.bias.mul_(mask)
+        l2 = _l2_same_counts(net, counts)
         a_dllp, a_l2 = _acc(dl.pruned_model(keep=keep), test), _acc(l2, test)
         wins += a_dllp > a_l2
         gap += (a_dllp - a_l2) / 3

@@ -32,6 +32,18 @@ from prunelab.vectorized.stacked import StackedModel
 log = logging.getLogger(__name__)
 
 
+def stacked_batch(reqs, data, i: int, device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``i`` of every copy, processed by the copy's own data module (normalisation, augmentation when
+    ``train``), stacked along a new leading copy dimension."""
+    xs, ys = [], []
+    for r, (ds, _) in zip(reqs, data):
+        x, y = ds[i]
+        x, y = r.ctx.datamodule.process_batch(x.to(device), y.to(device), train=train)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
 @dataclass
 class Request:
     """One copy's training stage, stopped before its fit: what the fit would have trained."""
@@ -133,13 +145,7 @@ class EpochBatches:
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.chunked:
-            xs, ys = [], []
-            for r, (ds, _) in zip(self.reqs, self.data):
-                x, y = ds[i]
-                x, y = r.ctx.datamodule.process_batch(x.to(self.device), y.to(self.device), train=True)
-                xs.append(x)
-                ys.append(y)
-            return torch.stack(xs), torch.stack(ys)
+            return stacked_batch(self.reqs, self.data, i, self.device, train=True)
         start = i - i % self.chunk
         if start != self._start:
             stop = min(self.nb, start + self.chunk)
@@ -182,13 +188,7 @@ class ValBatches:
 
     def _build(self):
         for i in range(self.nb):
-            xs, ys = [], []
-            for r, (ds, _) in zip(self.reqs, self.data):
-                x, y = ds[i]
-                x, y = r.ctx.datamodule.process_batch(x.to(self.device), y.to(self.device), train=False)
-                xs.append(x)
-                ys.append(y)
-            yield torch.stack(xs), torch.stack(ys)
+            yield stacked_batch(self.reqs, self.data, i, self.device, train=False)
 
     def __iter__(self):
         return iter(self._kept) if self._kept is not None else self._build()
