@@ -3,8 +3,8 @@
     python scripts/dllp_table.py outputs/multirun/dllp_small [more dirs or results.json files] [--eval]
         [--out table.md]
 
-One row per run (mean over seeds when several runs share method and sparsity): the arm, ``prune.sparsity``,
-the measured parameter sparsity of the final network, test accuracy after pruning and after fine-tuning, and
+One row per run (mean over seeds when several runs share method and sparsity): the arm, its target
+(``prune.sparsity``, or ``method.amount`` of a structured arm removing a fraction of units), the measured parameter sparsity of the final network, test accuracy after pruning and after fine-tuning, and
 DLLP's reliability report from the pruning stage (particle-ensemble accuracy / NLL / Brier / ECE / mutual
 information, accuracy across particles mean +- sd, undecided fraction, mean standard error of rho,
 agreement of the deployed network with the ensemble). ``--eval`` also loads every run's FINAL fine-tuned
@@ -47,6 +47,15 @@ def arm(res: dict[str, Any]) -> str:
     if name == "StructuredMethod":
         return f"{m.get('criterion')} ({m.get('target_kind')})"
     return name
+
+
+def target(cfg: dict[str, Any]) -> float:
+    """The arm's pruning target: ``method.amount`` for a structured method removing a fraction of units (it does
+    not read ``prune.sparsity``), else ``prune.sparsity`` (DLLP: the fraction of gated units removed)."""
+    m = cfg["method"]
+    if m["_target_"].endswith("StructuredMethod") and m.get("target_kind") == "units":
+        return float(m["amount"])
+    return float(cfg["prune"]["sparsity"])
 
 
 @torch.no_grad()
@@ -98,7 +107,7 @@ def table(rows: list[dict[str, Any]], with_eval: bool) -> str:
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["arm"], r["sparsity"])].append(r)
-    cols = ["arm", "prune.sparsity", "runs", "param sparsity", "acc pruned %", "acc final %"]
+    cols = ["arm", "target", "runs", "param sparsity", "acc pruned %", "acc final %"]
     if with_eval:
         cols += ["final NLL", "final Brier", "final ECE"]
     cols += ["particle acc %"] + [c for _, c in DLLP_COLS]
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for f in files:
         res = json.loads(f.read_text())
-        row = {"arm": arm(res), "sparsity": float(res["config"]["prune"]["sparsity"]), "final": res["final"]}
+        row = {"arm": arm(res), "sparsity": target(res["config"]), "final": res["final"]}
         if args.eval:
             row["eval"] = evaluate_final(f.parent, res["config"])
         rows.append(row)

@@ -20,7 +20,7 @@ COMMON="name=dllp_small data=npz data.path=$NPZ data.batch_size=100 model=lenet_
 $PL -m $COMMON method=dllp schedule=train_prune schedule.epochs=3 method.decision=target prune.sparsity=$SP
 $PL -m $COMMON method=magnitude schedule=oneshot prune.sparsity=$SP
 for s in ${SP//,/ }; do
-  $PL $COMMON method=l2_norm schedule=oneshot method.target_kind=units method.amount=$s prune.sparsity=$s \
+  $PL $COMMON method=l2_norm schedule=oneshot method.target_kind=units method.amount=$s \
       hydra.run.dir=outputs/multirun/dllp_small/l2_norm_$s
 done
 $PY scripts/dllp_table.py outputs/multirun/dllp_small --eval --out outputs/report/dllp_small.md

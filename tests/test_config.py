@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
 from prunelab.cli import CONFIG_DIR
+from tests.conftest import compose_config
 from prunelab.pipeline.run import run_pipeline, validate
 
 GROUPS = ["data", "model", "method", "allocation", "schedule", "finetune", "trainer", "logger", "experiment",
@@ -97,3 +98,20 @@ def test_unknown_key_and_wrong_type_fail_at_composition(make_cfg):
         make_cfg("prune.sparsity=abc")
     with pytest.raises(ConfigCompositionException, match="Available options"):
         make_cfg("method=nonexistent")
+
+
+# A comparison overlay (the arms of one paper table) must train the same dense model as the overlay it is compared
+# with: the arms share the cached pretraining only when their dense-cache keys are equal.
+PAIRED_OVERLAYS = [("dllp_lenet300_fashion_mnist", "dllp_lenet300_fashion_mnist_units")] + [
+    (f"dllp_{s}", f"dllp_{s}_magnitude")
+    for s in ("vgg19_cifar10", "resnet18_cifar10", "resnet56_cifar10", "resnet50_imagenet")]
+
+
+@pytest.mark.parametrize("first,second", PAIRED_OVERLAYS)
+def test_paired_overlays_share_the_dense_model(tmp_path, first, second):
+    from prunelab.pipeline.cache import dense_identity, dense_key
+
+    keys = [dense_key(dense_identity(compose_config(tmp_path, [f"experiment={e}", "seed=3"]))) for e in (first, second)]
+    assert keys[0] == keys[1]
+    other = compose_config(tmp_path, [f"experiment={second}", "seed=3", "pretrain.epochs=1"])
+    assert dense_key(dense_identity(other)) != keys[0]  # the key does see the recipe
