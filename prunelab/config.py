@@ -138,7 +138,8 @@ SCHEDULERS = ("cosine", "step", "constant")
 # ``debug`` only names the debug option; the settings it changes (trainer limits, epochs) are in the identity.
 NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug",
                 "tags", "optimized_metric"}
-NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir"},  # md5-checked: same data
+# data.steps_per_call: the same steps on the same batches (one process; several processes take one per call)
+NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir", "steps_per_call"},
                         "trainer": {"enable_progress_bar"}}
 
 

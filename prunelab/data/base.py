@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from prunelab.data.batched import BatchIndexDataset, batch_loader, epoch_permutation, epoch_seed
+from prunelab.data.batched import BatchIndexDataset, Chunk, batch_loader, epoch_permutation, epoch_seed, steps_per_call
 from prunelab.data.transforms import augment_batch, normalize, resize_center_crop, to_float
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,12 @@ class BaseDataModule(pl.LightningDataModule):
         seed: seed of the splits, of the per-epoch shuffling and of the augmentation.
         num_workers: loader worker processes (file-streaming modules only; tensor modules serve batches in-process).
         augment: apply train-time augmentation.
+        steps_per_call: training batches one Lightning step takes (tensor-held data): that many optimiser steps
+            per call, in order, on the same batches as one per call, so Lightning's per-batch loop work is paid
+            once per ``steps_per_call`` (see :func:`~prunelab.data.batched.steps_per_call` for when it is 1).
+
+    Subclasses take their own options and pass the ones above on (``**common``): the option checks follow the
+    ``**kwargs`` of a constructor up to this one.
     """
 
     name: str = "base"
@@ -109,6 +115,7 @@ class BaseDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         augment: bool = False,
+        steps_per_call: int = 10,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -122,6 +129,9 @@ class BaseDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.augment = bool(augment)
+        if steps_per_call < 1:
+            raise ValueError(f"data.steps_per_call={steps_per_call}: must be an integer >= 1")
+        self.steps_per_call = int(steps_per_call)
         self._epoch = 0
         self._input_shape: tuple[int, int, int] | None = None
         self._num_classes: int | None = None
@@ -166,9 +176,14 @@ class BaseDataModule(pl.LightningDataModule):
         return x.to(torch.float32), y.to(torch.int64)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning hook (runs on the model's device): convert, augment when training, normalise."""
+        """Lightning hook (runs on the model's device): convert, augment when training, normalise; a
+        :class:`~prunelab.data.batched.Chunk` batch by batch, in order (the augmentation draws of one per call)."""
+        train = self._is_training()
+        if isinstance(batch, Chunk):
+            done = [self.process_batch(batch.x[j], batch.y[j], train=train) for j in range(len(batch.x))]
+            return Chunk(tuple(x for x, _ in done), tuple(y for _, y in done), batch.start)
         x, y = batch
-        return self.process_batch(x, y, train=self._is_training())
+        return self.process_batch(x, y, train=train)
 
     def to_device(self, device: torch.device | str) -> None:
         """Move in-memory tensors onto ``device`` (no-op for file-streaming modules)."""
@@ -205,12 +220,11 @@ class TensorDataModule(BaseDataModule):
 
     def __init__(
         self,
-        *args: Any,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        **kwargs: Any,
+        **common: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(**common)
         self.mean: tuple[float, ...] | None = None if mean is None else tuple(float(v) for v in mean)
         self.std: tuple[float, ...] | None = None if std is None else tuple(float(v) for v in std)
         if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
@@ -288,7 +302,9 @@ class TensorDataModule(BaseDataModule):
         return BatchIndexDataset(x, y, self.eval_batch_size, shuffle=False, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return batch_loader(self.train_dataset())
+        ds = self.train_dataset()
+        ds.chunk = steps_per_call(self.steps_per_call, getattr(self, "trainer", None))
+        return batch_loader(ds)
 
     def val_dataloader(self) -> DataLoader:
         return batch_loader(self.eval_dataset("val" if len(self.split("val")[0]) else "test"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,6 +35,34 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device | str 
     return perm if device is None else perm.to(device)
 
 
+class Chunk(NamedTuple):
+    """``k`` consecutive training batches served as one loader item. As served, ``x`` / ``y`` are stacked
+    (``k x B x ...`` / ``k x B``); after the data module's batch hook they are tuples of the ``k`` processed
+    batches. ``start``: the epoch index of the first batch (batch ``start + j`` is ``(x[j], y[j])``)."""
+
+    x: Any
+    y: Any
+    start: int
+
+
+def steps_per_call(requested: int, trainer: Any) -> int:
+    """How many batches one Lightning training step takes: ``requested`` when the trained LightningModule
+    declares ``takes_chunks = True`` (it runs one optimiser step per batch of a :class:`Chunk`), else 1; and 1
+    wherever Lightning itself counts or splits training batches: ``limit_train_batches``, ``max_steps``,
+    ``val_check_interval``, ``overfit_batches``, ``fast_dev_run``, gradient accumulation, several processes."""
+    k = max(1, int(requested))
+    if k == 1 or trainer is None:
+        return 1
+    try:
+        limit, val_every = trainer.limit_train_batches, trainer.val_check_interval
+        whole = (getattr(trainer.lightning_module, "takes_chunks", False) is True and isinstance(limit, float) and limit == 1.0 and trainer.max_steps in (-1, None)
+                 and isinstance(val_every, float) and val_every == 1.0 and not trainer.overfit_batches
+                 and not trainer.fast_dev_run and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1)
+    except AttributeError:  # not a Lightning Trainer: one batch per call
+        return 1
+    return k if whole else 1
+
+
 class BatchIndexDataset(Dataset[tuple[Tensor, Tensor]]):
     """Map-style dataset over in-memory tensors whose item ``i`` is the ``i``-th batch of an epoch.
 
@@ -47,6 +76,7 @@ class BatchIndexDataset(Dataset[tuple[Tensor, Tensor]]):
         seed: base seed of the shuffling.
         epoch_fn: optional callable returning the current epoch; when given it is consulted at every item so the
             order follows e.g. ``trainer.current_epoch`` without an explicit :meth:`set_epoch`.
+        chunk: batches per item (a :class:`Chunk` when > 1; needs ``drop_last``: every batch has ``batch_size``).
     """
 
     def __init__(
@@ -59,6 +89,7 @@ class BatchIndexDataset(Dataset[tuple[Tensor, Tensor]]):
         drop_last: bool,
         seed: int = 0,
         epoch_fn: Callable[[], int] | None = None,
+        chunk: int = 1,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y have different lengths: {len(x)} vs {len(y)}")
@@ -71,13 +102,22 @@ class BatchIndexDataset(Dataset[tuple[Tensor, Tensor]]):
         self.drop_last = drop_last
         self.seed = int(seed)
         self.epoch_fn = epoch_fn
+        if chunk > 1 and not drop_last:
+            raise ValueError("chunk > 1 needs drop_last=True (training batches of equal size)")
+        self.chunk = max(1, int(chunk))
         self._epoch = 0
         self._perm: Tensor | None = None
         self._perm_epoch: int | None = None
 
-    def __len__(self) -> int:
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch."""
         n = len(self.x)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        """Items per epoch: batches, or chunks of ``chunk`` batches (the last one may be shorter)."""
+        return math.ceil(self.num_batches / self.chunk)
 
     @property
     def epoch(self) -> int:
@@ -98,9 +138,16 @@ class BatchIndexDataset(Dataset[tuple[Tensor, Tensor]]):
             self._perm_epoch = epoch
         return self._perm
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | Chunk:
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range [0, {len(self)})")
+        if self.chunk > 1:
+            first = index * self.chunk
+            k = min(self.chunk, self.num_batches - first)
+            lo, hi = first * self.batch_size, (first + k) * self.batch_size
+            idx = self.order()[lo:hi] if self.shuffle else slice(lo, hi)
+            x, y = self.x[idx], self.y[idx]
+            return Chunk(x.reshape(k, self.batch_size, *x.shape[1:]), y.reshape(k, self.batch_size), first)
         start = index * self.batch_size
         if self.shuffle:
             idx = self.order()[start : start + self.batch_size]

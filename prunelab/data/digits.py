@@ -5,6 +5,8 @@ No download and tiny: the embedded default dataset of the demo. Held as uint8 (v
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from prunelab.data.base import TEST_SPLIT_STREAM, TensorData, TensorDataModule, carve_split
@@ -26,18 +28,8 @@ class DigitsDataModule(TensorDataModule):
     name = "digits"
     crop_padding = 1
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = False,
-        test_fraction: float = 0.2,
-    ) -> None:
-        super().__init__(data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment)
+    def __init__(self, test_fraction: float = 0.2, **common: Any) -> None:
+        super().__init__(**common)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = float(test_fraction)

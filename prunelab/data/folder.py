@@ -110,18 +110,13 @@ class ImageFolderDataModule(BaseDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
         augment: bool = True,
         root_subdir: str = "imagenet",
         image_size: int = 224,
         resize_size: int = 256,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment)
+        super().__init__(augment=augment, **common)
         self.root_subdir = root_subdir
         self.image_size = int(image_size)
         self.resize_size = int(resize_size)
@@ -256,21 +251,12 @@ class TinyImageNetDataModule(ImageFolderDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = True,
         root_subdir: str = "tiny-imagenet-200",
         image_size: int = 64,
         resize_size: int = 64,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment,
-            root_subdir, image_size, resize_size,
-        )  # fmt: skip
+        super().__init__(root_subdir=root_subdir, image_size=image_size, resize_size=resize_size, **common)
 
     def train_transform(self) -> v2.Compose:
         """Resize/center-crop to ``image_size`` (a no-op on the 64x64 originals), random crop pad 4, flip."""

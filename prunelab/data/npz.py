@@ -77,13 +77,6 @@ class NpzDataModule(TensorDataModule):
     def __init__(
         self,
         path: str,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = False,
         test_fraction: float = 0.2,
         num_classes: int | None = None,
         mean: Sequence[float] | None = None,
@@ -91,18 +84,9 @@ class NpzDataModule(TensorDataModule):
         crop_padding: int = 4,
         hflip: bool = True,
         resized_crop: Sequence[int] | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            eval_batch_size,
-            val_fraction,
-            seed,
-            num_workers,
-            augment,
-            mean=mean,
-            std=std,
-        )
+        super().__init__(mean=mean, std=std, **common)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.path = str(path)

@@ -11,6 +11,7 @@ chance-level as ``signal -> 0``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,21 +65,15 @@ class SyntheticDataModule(TensorDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = False,
         input_shape: Sequence[int] = (1, 28, 28),
         num_classes: int = 10,
         num_train: int = 2048,
         num_test: int = 512,
         noise: float = 1.0,
         signal: float = 1.0,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment)
+        super().__init__(**common)
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"input_shape must be [C, H, W] with positive sizes, got {list(input_shape)}")

@@ -44,21 +44,8 @@ class TorchvisionDataModule(TensorDataModule):
     default_mean: tuple[float, ...] = ()
     default_std: tuple[float, ...] = ()
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = False,
-        download: bool = True,
-    ) -> None:
-        super().__init__(
-            data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment,
-            mean=self.default_mean, std=self.default_std,
-        )  # fmt: skip
+    def __init__(self, download: bool = True, **common: Any) -> None:
+        super().__init__(mean=self.default_mean, std=self.default_std, **common)
         self.download = bool(download)
 
     # ------------------------------------------------------------------------- file layout (subclass hooks)
@@ -163,19 +150,8 @@ class _MnistLike(TorchvisionDataModule):
     system_dirs: tuple[str, ...] = ()
     official_headers: dict[str, int] = {}  # official .gz name -> mtime of its original gzip header
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = False,
-        download: bool = True,
-        source_dir: str | None = "auto",
-    ) -> None:
-        super().__init__(data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment, download)
+    def __init__(self, source_dir: str | None = "auto", **common: Any) -> None:
+        super().__init__(**common)
         self.source_dir = None if source_dir in (None, "", "none", "null") else str(source_dir)
 
     def raw_dir(self) -> Path:
@@ -258,20 +234,8 @@ class _CifarLike(TorchvisionDataModule):
     crop_padding = 4
     hflip = True
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-        num_workers: int = 0,
-        augment: bool = True,
-        download: bool = True,
-    ) -> None:
-        super().__init__(
-            data_dir, batch_size, eval_batch_size, val_fraction, seed, num_workers, augment, download
-        )
+    def __init__(self, augment: bool = True, **common: Any) -> None:
+        super().__init__(augment=augment, **common)
 
     def raw_dir(self) -> Path:
         return Path(self.data_dir) / self.dataset_cls.base_folder

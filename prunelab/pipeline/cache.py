@@ -165,8 +165,9 @@ def dense_identity(cfg: DictConfig, data_files: Any = None) -> dict[str, Any]:
     """Everything that changes the dense pretrained weights: the dense cache is keyed by its hash.
 
     In the key:
-    - ``data`` (every option but ``data_dir``, ``num_workers``, ``download``: where the files are and how
-      they are read do not change them): the dataset, its split (``val_fraction``, ``test_fraction``, the
+    - ``data`` (every option but ``data_dir``, ``num_workers``, ``download``, ``source_dir`` and
+      ``steps_per_call``: where the files are, how they are read and how many batches one Lightning call takes
+      do not change them): the dataset, its split (``val_fraction``, ``test_fraction``, the
       data seed), batch size and augmentation; and ``data_files``, a fingerprint of the data file when the
       data module has one (``data=npz``: size and SHA-256 of the archive, so a replaced file retrains).
     - ``model``, with the size and SHA-256 of ``model.weights`` when it starts from a file; ``pretrain``

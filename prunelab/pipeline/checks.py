@@ -105,14 +105,43 @@ def _matches(value: Any, tp: Any) -> bool:
     return True  # classes (Accelerator, Strategy, ...), callables: not checked here
 
 
-def _signature_hints(fn: Callable) -> tuple[inspect.Signature, dict[str, Any]]:
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    sig = inspect.signature(fn)
+def _type_hints(fn: Callable) -> dict[str, Any]:
     try:
-        hints = typing.get_type_hints(target)
+        return typing.get_type_hints(fn)
     except Exception:  # an annotation naming something imported only for type checkers: skip the types
-        hints = {}
-    return sig, hints
+        return {}
+
+
+def _signature_hints(fn: Callable) -> tuple[inspect.Signature, dict[str, Any]]:
+    """The options ``fn`` takes and their annotations. A class whose constructor passes ``**kwargs`` on to its
+    base class takes the base constructor's options too: the chain is followed up to a constructor without
+    ``**kwargs`` (the signature stays open only when none closes it)."""
+    if not inspect.isclass(fn):
+        return inspect.signature(fn), _type_hints(fn)
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    open_kwargs = True
+    for klass in fn.__mro__:
+        if klass is object:  # no constructor of the chain closed it: object() takes no options
+            open_kwargs = False
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        sig = inspect.signature(init)
+        own_hints = _type_hints(init)
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in params:
+                params[name] = p.replace(kind=p.KEYWORD_ONLY)
+                if name in own_hints:
+                    hints[name] = own_hints[name]
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            open_kwargs = False
+            break
+    merged = list(params.values())
+    if open_kwargs:
+        merged.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    return inspect.Signature(merged), hints
 
 
 def choice_name(group: str, node: DictConfig) -> str:
@@ -210,6 +239,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.batch_size": _int_at_least(1),
     "data.eval_batch_size": _int_at_least(1),
     "data.num_workers": _int_at_least(0),
+    "data.steps_per_call": _int_at_least(1),
     "data.val_fraction": _finite(0.0, hi=1.0),
     "data.test_fraction": _finite(0.0, strict=True, hi=1.0),
     "schedule.round_epochs": _int_at_least(0, null=True),

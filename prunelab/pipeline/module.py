@@ -2,7 +2,10 @@
 
 Pruned weights stay exactly zero: gradients of pruned weights are zeroed before the optimiser step and the
 weights re-masked after it (two fused ``_foreach_mul_`` calls per step, no Python loop over parameters).
-The step uses Lightning's manual optimisation (see ``training_step``).
+The step uses Lightning's manual optimisation (see ``training_step``). A training batch that is a
+:class:`~prunelab.data.batched.Chunk` (``data.steps_per_call``) is ``k`` batches: ``k`` steps in order, each exactly
+the step of a single batch with its own index in the epoch, and Lightning's logging step advanced by ``k``, so the
+optimiser, the LR schedule, the hooks and the logs see the run a one-batch-per-call run is.
 Metrics are logged with the stage as prefix: ``pretrain/train/loss``, ``finetune/val/acc``, ...
 
 A diverged stage stops with :class:`~prunelab.utils.finite.NonFiniteError` naming the options to change: the
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.data.batched import Chunk
 from prunelab.finetune.base import ExtraLoss
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.effective import effective_sparsity_report
@@ -31,6 +35,8 @@ from prunelab.utils.finite import NonFiniteError, optimizer_advice
 
 
 class PruneModule(pl.LightningModule):
+    takes_chunks = True  # a Chunk batch (data.steps_per_call) is k optimiser steps (training_step)
+
     def __init__(
         self,
         model: nn.Module,
@@ -56,6 +62,7 @@ class PruneModule(pl.LightningModule):
         self.automatic_optimization = False
         self._train_sums = torch.zeros(3)
         self._extra_sum = torch.zeros(())
+        self._step_logged: dict[str, torch.Tensor] = {}  # the latest step-level values given to self.log
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -64,6 +71,24 @@ class PruneModule(pl.LightningModule):
 
     # steps --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        if not isinstance(batch, Chunk):
+            self.train_one(batch, batch_idx)
+            return
+        # Lightning counts one batch per call: its logging step (the loggers' x-axis, what log_every_n_steps
+        # counts) is advanced here for every batch but the last, and the step-level row Lightning writes after a
+        # batch whose step completes log_every_n_steps is written here for those batches, as a one-batch-per-
+        # call run writes it; Lightning itself handles the last batch of the call.
+        loop, every = self.trainer.fit_loop.epoch_loop, int(self.trainer.log_every_n_steps or 0)
+        for j in range(len(batch.x)):
+            self.train_one((batch.x[j], batch.y[j]), batch.start + j)
+            if j == len(batch.x) - 1 or self.trainer.should_stop:
+                break
+            if every and (loop._batches_that_stepped + 1) % every == 0 and self._step_logged:
+                self.trainer._logger_connector.log_metrics(dict(self._step_logged))
+            loop._batches_that_stepped += 1
+
+    def train_one(self, batch, batch_idx):
+        """One optimiser step on one batch (``batch_idx``: its index in the epoch)."""
         # Manual optimisation: the step is exactly zero_grad -> backward -> mask grads -> step -> mask weights
         # -> lr step, without the closure and hook machinery of automatic optimisation (a large share of the
         # step time for small models). Lightning still runs the loops, DDP, precision, logging, checkpoints.
@@ -98,6 +123,7 @@ class PruneModule(pl.LightningModule):
             self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
         if batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite_loss()
+            self._step_logged[f"{self.stage}/train/loss_step"] = loss.detach()
             self.log(f"{self.stage}/train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
@@ -211,12 +237,22 @@ class PruneModule(pl.LightningModule):
             self.hook.load_state_dict(checkpoint["prunelab_hook"])
 
     # optimisation -------------------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        """Optimiser steps of this fit: Lightning's ``estimated_stepping_batches`` counts calls, and a call takes
+        ``steps_per_call`` batches (only for whole epochs: no batch limits or max_steps, see
+        :func:`~prunelab.data.batched.steps_per_call`)."""
+        calls = int(self.trainer.estimated_stepping_batches)
+        ds = getattr(self.trainer.train_dataloader, "dataset", None)
+        if getattr(ds, "chunk", 1) <= 1:
+            return calls
+        return calls // len(ds) * ds.num_batches
+
     def configure_optimizers(self):
         params = self.hook.param_groups(self.model)
         if params is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
         opt = build_optimizer(params, self.optimizer_cfg)
-        steps = int(self.trainer.estimated_stepping_batches)
+        steps = self.total_steps()
         sched_cfg = dict(self.scheduler_cfg)
         warm_epochs = int(sched_cfg.get("warmup_epochs", 0))
         if warm_epochs and self.trainer.max_epochs:

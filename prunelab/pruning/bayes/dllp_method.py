@@ -32,7 +32,7 @@ Pruning stage (``schedule.epochs`` epochs from the pretrained dense network, ``s
     overwrites what the pipeline's backward of the CE put there;
   - the pipeline's optimiser steps ``W`` only (:meth:`DLLPHook.param_groups` leaves the particle logits out);
     ``after_step`` steps the hook's own Adam on the particles (``svgd.lr``) and anneals the gate temperature
-    ``tau`` with training progress ``trainer.global_step / trainer.estimated_stepping_batches``.
+    ``tau`` with training progress ``trainer.global_step / module.total_steps()``.
 
   Validation/test during the stage use the particle ensemble with hard gates ``1[z > 0]``: the log of the
   particle-averaged predictive probabilities (:meth:`DLLPHook.eval_logits`).
@@ -160,7 +160,7 @@ class DLLPHook(TrainHook):
         trainer = getattr(module, "trainer", None)
         if trainer is None:
             return
-        total = max(1, int(trainer.estimated_stepping_batches))
+        total = max(1, module.total_steps())
         self.dllp.set_progress(int(trainer.global_step) / total)
 
     def on_train_start(self, module) -> None:
