@@ -33,13 +33,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_masked_step.py
-	$(PY) scripts/bench_pretrain_epoch.py
+	$(PY) scripts/bench_pretrain_epoch.py --batch 128
+	$(PY) scripts/bench_pretrain_epoch.py --batch 512
 	$(PY) scripts/connectivity_at_init.py --seeds 2
 	$(PY) scripts/bench_effective.py
 	$(PY) scripts/bench_structured.py --models vgg19 resnet18 resnet50 --repeats 5
 	$(PY) scripts/bench_overparam.py --batch-size 16 --repeats 3
 	$(PY) scripts/bench_dllp.py
 	$(PY) scripts/bench_sweep.py --sweep-repeats 3
+	$(PY) scripts/bench_gpu.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -87,6 +87,14 @@ class MeasureConfig:
 
 
 @dataclass
+class AccelConfig:
+    channels_last: bool = False   # NHWC weights and batches (prunelab.training.accel)
+    compile: bool = False         # torch.compile the model's forward for each training stage
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+
+
+@dataclass
 class PrunelabConfig:
     name: str = "default"
     seed: int = 0
@@ -95,6 +103,7 @@ class PrunelabConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
     data: Any = MISSING
     model: Any = MISSING
     method: Any = MISSING
@@ -123,6 +132,7 @@ KEY_HELP = {
     "pretrain": "the dense model's training: epochs, optimizer.{name,lr,momentum,weight_decay,...}, "
                 "scheduler.{name,milestones,gamma,warmup_epochs}; cached in paths.cache_dir",
     "measure": "cost of structurally pruned models: latency, batch_sizes, warmup, repeats, threads, onnx",
+    "accel": "training speed, same results up to rounding: channels_last, compile, compile_mode, compile_backend",
     "paths": "root, data_dir (datasets), cache_dir (dense models), output_dir (this run's folder)",
     "callbacks": "extra Lightning callbacks: {name: {_target_: ...}}",
     "debug": "the debug option chosen (debug=...): fast runs that never write the shared cache",
@@ -137,7 +147,7 @@ SCHEDULERS = ("cosine", "step", "constant")
 # Keys that do not change what a run computes: left out of run hashes (output folders and the cache).
 # ``debug`` only names the debug option; the settings it changes (trainer limits, epochs) are in the identity.
 NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experiment", "callbacks", "measure", "debug",
-                "tags", "optimized_metric"}
+                "tags", "optimized_metric", "accel"}
 # data.steps_per_call: the same steps on the same batches (one process; several processes take one per call)
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir", "steps_per_call"},
                         "trainer": {"enable_progress_bar"}}

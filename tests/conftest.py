@@ -71,7 +71,7 @@ END_TO_END = {
     "test_bad_input", "test_bmrs_pipeline", "test_cache", "test_cli", "test_ddp", "test_ddp_methods",
     "test_determinism", "test_dllp_pipeline", "test_eval", "test_export", "test_faults", "test_model_sources",
     "test_overparam_pipeline", "test_pipeline", "test_readme", "test_results_schema", "test_slurm",
-    "test_structured_pipeline", "test_sweep_summary", "test_sweeps", "test_vectorized",
+    "test_structured_pipeline", "test_sweep_summary", "test_sweeps", "test_vectorized", "test_bench_gpu",
 }
 
 

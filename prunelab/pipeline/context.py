@@ -133,7 +133,8 @@ class RunContext:
                            OmegaConf.to_container(scheduler, resolve=True)
                            if OmegaConf.is_config(scheduler) else dict(scheduler),
                            stage=stage, masks=masks, extra_loss=extra_loss, hook=hook,
-                           options=options or f"the optimizer options of stage {stage}")
+                           options=options or f"the optimizer options of stage {stage}",
+                           accel=OmegaConf.to_container(self.cfg.accel) if "accel" in self.cfg else None)
 
     def _options_of(self, optimizer, stage: str) -> str | None:
         """The config path of an optimiser's options (``pretrain.optimizer``, ``finetune.optimizer``), if known."""

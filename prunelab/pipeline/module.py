@@ -30,6 +30,7 @@ from prunelab.finetune.base import ExtraLoss
 from prunelab.pipeline.optim import build_optimizer, build_scheduler
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
+from prunelab.training import accel as speed
 from prunelab.training.hooks import TrainHook
 from prunelab.utils.finite import NonFiniteError, optimizer_advice
 
@@ -48,6 +49,7 @@ class PruneModule(pl.LightningModule):
         extra_loss: ExtraLoss | None = None,
         hook: TrainHook | None = None,
         options: str = "the optimizer",
+        accel: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -59,6 +61,8 @@ class PruneModule(pl.LightningModule):
         self.hook = hook or TrainHook()
         self.mask_sync: dict | None = None
         self.options = options  # the config options of this stage's optimiser, named when training diverges
+        self.accel = dict(accel or {})  # prunelab.training.accel: channels_last, compile
+        self.channels_last = bool(self.accel.get("channels_last"))
         self.automatic_optimization = False
         self._train_sums = torch.zeros(3)
         self._extra_sum = torch.zeros(())
@@ -95,6 +99,8 @@ class PruneModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         x, y = batch
+        if self.channels_last:
+            x = speed.channels_last_input(x)
         loss, logits = self.hook.loss(self, x, y)
         if self.extra_loss is not None:
             extra = self.extra_loss(self.model, x, y, logits)
@@ -170,6 +176,8 @@ class PruneModule(pl.LightningModule):
 
     def _eval_step(self, batch, split: str, metric: MulticlassAccuracy):
         x, y = batch
+        if self.channels_last:
+            x = speed.channels_last_input(x)
         logits = self.hook.eval_logits(self.model, x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
@@ -192,9 +200,16 @@ class PruneModule(pl.LightningModule):
             if self.trainer.world_size > 1:
                 self._sync_masks()
             self.masks.apply(self.model)
+        speed.prepare(self.model, self.accel)
 
     def on_train_start(self) -> None:
         self.hook.on_train_start(self)
+
+    def on_fit_end(self) -> None:
+        speed.release(self.model)
+
+    def teardown(self, stage: str) -> None:
+        speed.release(self.model)  # also when the fit stopped with an error
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean of ``tensor`` over DDP ranks (identity in a single process): what hooks use so that every

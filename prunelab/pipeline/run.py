@@ -39,6 +39,7 @@ from prunelab.pruning.masks import sparsity_from_options
 from prunelab.pruning.method import TrainingMethod, check_target_options
 from prunelab.results import SCHEMA_VERSION, schema_errors
 from prunelab.runinfo import environment, hydra_choices
+from prunelab.training.accel import check_accel
 from prunelab.utils.io import atomic_write_json, check_writable, read_record
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ def validate(cfg: DictConfig) -> float:
     try:
         sparsity = sparsity_from_options(*resolve_prune_target(cfg.prune.sparsity, cfg.prune.compression,
                                                                _command_line_keys()))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        check_accel(cfg.accel)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.prune.target not in TARGETS:
