@@ -59,6 +59,61 @@ def test_layer_sites_find_norm_and_activation():
     assert sites[0].position("norm_or_layer") == "1" and sites[0].position("layer") == "0"
 
 
+class OutOfOrderMLP(nn.Module):
+    """Hidden modules registered in another order than the forward pass uses them (the classifier last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_b = nn.Tanh()       # follows fc_b
+        self.fc_b = nn.Linear(8, 6)
+        self.act_a = nn.ReLU()       # follows fc_a
+        self.fc_a = nn.Linear(4, 8)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.act_b(self.fc_b(self.act_a(self.fc_a(x)))))
+
+
+class OutOfOrderConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn2 = nn.BatchNorm2d(6)  # follows conv2
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))).flatten(1))
+
+
+def test_sites_follow_the_forward_pass_when_given_an_example():
+    mlp, x = OutOfOrderMLP(), torch.randn(2, 4)
+    by_registration = {s.layer: s.activation for s in layer_sites(mlp)}
+    assert by_registration == {"fc_b": "act_a", "fc_a": None}  # what registration order gets wrong
+    assert {s.layer: s.activation for s in layer_sites(mlp, example=x)} == {"fc_a": "act_a", "fc_b": "act_b"}
+    conv, xc = OutOfOrderConv(), torch.randn(2, 1, 8, 8)
+    conv.train()
+    assert {s.layer: s.norm for s in layer_sites(conv)}["conv2"] is None
+    assert {s.layer: s.norm for s in layer_sites(conv, example=xc)} == {"conv1": "bn1", "conv2": "bn2"}
+    assert conv.training and int(conv.bn2.num_batches_tracked) == 0  # the tracing pass changed nothing
+
+
+def test_bmrs_noise_and_dllp_gates_sit_where_the_forward_pass_puts_them():
+    mlp, x = OutOfOrderMLP(), torch.randn(2, 4)
+    noises = B.insert_noise(mlp, "activation", example=x)
+    assert {n: z.units for n, z in noises.items()} == {"act_a.bmrs_noise": 8, "act_b.bmrs_noise": 6}
+    mlp(x)  # the noise of each activation has that activation's width
+    B.remove_noise(mlp)
+    mlp2 = OutOfOrderMLP()
+    B.insert_noise(mlp2, "activation")  # registration order: fc_b's 6-unit noise after act_a's 8 units
+    with pytest.raises(ValueError, match="6 units"):
+        mlp2(x)
+    conv, xc = OutOfOrderConv(), torch.randn(2, 1, 8, 8)
+    dmodel = attach_gates(conv, "unit", "l2", 3, example=xc)
+    assert {s.name: s.bn_name for s in dmodel.sites} == {"conv1": "bn1", "conv2": "bn2"}
+
+
 def test_one_site_accepts_each_multiplier_kind():
     """The Taylor gate, BMRS noise and DLLP particle gates attach at the same site (after the BatchNorm of
     layer 0) through SiteHook; each zeroes unit 2 there when it prunes it, and stripping leaves the plain net."""

@@ -212,7 +212,7 @@ def _is_transformer_target(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and name.endswith(TRANSFORMER_SUFFIXES)
 
 
-def noise_targets(model: nn.Module, mode: str) -> list[tuple[str, LayerSite]]:
+def noise_targets(model: nn.Module, mode: str, example: torch.Tensor | None = None) -> list[tuple[str, LayerSite]]:
     """``(module the noise multiplies, its layer site)`` for a resolved placement, from the layer sites of
     :func:`~prunelab.pruning.units.sites.layer_sites` (the classifier never gets noise):
 
@@ -220,9 +220,11 @@ def noise_targets(model: nn.Module, mode: str) -> list[tuple[str, LayerSite]]:
     - ``activation``: after the first activation that follows each layer (Linear -> ReLU -> noise); an
       activation module used at several places of the forward pass cannot carry a per-layer noise and raises;
     - ``transformer``: per hidden dimension at the output of each transformer MLP (``*.mlp.fc2`` in timm,
-      ``*.output.dense`` in HF ViT, where the reference code places it)."""
+      ``*.output.dense`` in HF ViT, where the reference code places it).
+
+    ``example``: an input batch; the sites then follow the forward pass's order (:func:`layer_sites`)."""
     out = []
-    for site in layer_sites(model):
+    for site in layer_sites(model, example=example):
         if mode == "batchnorm":
             if site.norm is not None and isinstance(model.get_submodule(site.norm), BN_TYPES):
                 out.append((site.norm, site))
@@ -240,7 +242,8 @@ def noise_targets(model: nn.Module, mode: str) -> list[tuple[str, LayerSite]]:
     return out
 
 
-def insert_noise(model: nn.Module, placement: str = "auto", **noise_kwargs) -> dict[str, LogNormalNoise]:
+def insert_noise(model: nn.Module, placement: str = "auto", example: torch.Tensor | None = None,
+                 **noise_kwargs) -> dict[str, LogNormalNoise]:
     """Attach a :class:`LogNormalNoise` to every prunable unit group of ``model``; return ``{name: noise}``.
 
     ``placement``: ``"batchnorm"`` (after every BatchNorm: ResNets, VGG-BN, as in the reference code),
@@ -249,10 +252,11 @@ def insert_noise(model: nn.Module, placement: str = "auto", **noise_kwargs) -> d
     transformer if it has ``*.mlp.fc2``/``*.output.dense`` Linears, else activation). The classifier (last
     Linear/Conv) never gets noise. Each noise is registered as child ``bmrs_noise`` of the target module and
     applied by a forward hook (see module docstring); names are ``"<target>.bmrs_noise"``.
-    ``noise_kwargs`` go to :class:`LogNormalNoise` (``log_a``, ``log_b``, ``sample_mode``, ...).
+    ``noise_kwargs`` go to :class:`LogNormalNoise` (``log_a``, ``log_b``, ``sample_mode``, ...). ``example``:
+    an input batch, so that "the activation after a layer" is the one the forward pass calls after it.
     """
     mode = _resolve_placement(model, placement)
-    targets = noise_targets(model, mode)
+    targets = noise_targets(model, mode, example)
     if not targets:
         raise ValueError(
             f"insert_noise(placement={placement!r}): no place for noise found in {type(model).__name__}"

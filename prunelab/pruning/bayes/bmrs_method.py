@@ -236,11 +236,11 @@ class BMRSMethod(TrainingMethod):
         return None, self.rule
 
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, BMRSHook]:
-        noises = B.insert_noise(model, self.placement, log_a=self.log_a, log_b=self.log_b, init_mu=self.mu_init,
-                                init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         shape = getattr(ctx, "input_shape", None)
         ref = next(model.parameters())
         example = torch.zeros(2, *shape, device=ref.device) if shape is not None else None
+        noises = B.insert_noise(model, self.placement, example=example, log_a=self.log_a, log_b=self.log_b,
+                                init_mu=self.mu_init, init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, delta_f_n_variant=self.delta_f_n_variant, model=model,
                               example=example)
         n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None

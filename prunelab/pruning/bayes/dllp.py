@@ -174,9 +174,10 @@ class GateSite:
 
 
 def find_gate_sites(
-    model: nn.Module, granularity: str = "unit", exclude: Iterable[str] = (), skip_output: bool = True
+    model: nn.Module, granularity: str = "unit", exclude: Iterable[str] = (), skip_output: bool = True,
+    example: Tensor | None = None,
 ) -> list[GateSite]:
-    """The layers DLLP gates, in registration order: the layer sites of
+    """The layers DLLP gates, in forward order (registration order without an ``example`` batch): the sites of
     :func:`~prunelab.pruning.units.sites.layer_sites` (every ``Linear``/``Conv{1,2,3}d`` except the classifier
     output, ``skip_output``, and those whose module name matches an fnmatch pattern in ``exclude``). A layer
     whose site has a BatchNorm over its output channels is paired with it. ``granularity="weight"`` gates
@@ -185,7 +186,7 @@ def find_gate_sites(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     sites: list[GateSite] = []
-    for ls in layer_sites(model, exclude, skip_classifier=skip_output):
+    for ls in layer_sites(model, exclude, skip_classifier=skip_output, example=example):
         layer = model.get_submodule(ls.layer)
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         if granularity == "weight" and kind != "linear":
@@ -606,6 +607,7 @@ def attach_gates(
     generator: torch.Generator | None = None,
     data: Iterable[tuple[Tensor, Tensor]] | None = None,
     bn_eval: bool = False,
+    example: Tensor | None = None,
 ) -> DLLPModel:
     """Wrap a pretrained ``model`` with ``n_particles`` particles of gates (see the module docstring).
 
@@ -614,13 +616,14 @@ def attach_gates(
     ``taylor``/``ablation`` measured through the gates on the training batches ``data``
     (:func:`~.dllp_prior.function_importance`). Particles start as prior draws (``init="prior"``) or
     ``N(0, init_std^2)`` (``init="normal"``). ``bn_eval``: BatchNorm layers stay in eval mode (running
-    statistics) whatever ``train()`` says (:class:`DLLPModel`). ``model`` is wrapped, not copied.
+    statistics) whatever ``train()`` says (:class:`DLLPModel`). ``model`` is wrapped, not copied. ``example``:
+    an input batch, so that a layer is paired with the BatchNorm the forward pass calls after it.
     """
     if importance not in IMPORTANCES:
         raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
     if init not in ("prior", "normal"):
         raise ValueError(f"init must be 'prior' or 'normal', got {init!r}")
-    sites = find_gate_sites(model, granularity, exclude)
+    sites = find_gate_sites(model, granularity, exclude, example=example)
     device = next(model.parameters()).device
     values = None
     if importance in FUNCTION_IMPORTANCES:

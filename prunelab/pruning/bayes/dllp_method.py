@@ -321,6 +321,7 @@ class DLLPMethod(TrainingMethod):
             target_density=1.0 - self.sparsity, temperature=self.prior["temperature"],
             clip=tuple(self.prior["clip"]), init=self.prior["init"], gate_mode=GATES[self.gate],
             exclude=self.exclude, generator=gen, data=data, bn_eval=not self.train_weights,
+            example=torch.zeros(2, *ctx.input_shape, device=next(model.parameters()).device),
         )
         dllp = DLLP(dmodel, train_set_size(ctx.datamodule), tau_start=self.tau["start"],
                     tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight,

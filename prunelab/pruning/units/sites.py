@@ -16,6 +16,11 @@ or ``"activation"`` (after the non-linearity). The three multiplier kinds of pru
 Every one of them is applied by a :class:`SiteHook` (``output -> multiplier.multiply(key, output)``), so a
 copied or compacted model is cleaned of all of them by :func:`strip_site_hooks`.
 
+Which module follows a layer is read from the order the forward pass calls them (:func:`execution_order`)
+when an example input is given, and from registration order otherwise; the two differ for a model that
+registers its modules in another order than it uses them (``self.act`` defined before ``self.fc``), where only
+the first is right.
+
 Which parameters a site's units own (:func:`site_param_masks`) comes from the dependency groups
 (:mod:`.groups`): the layer's rows and bias, the norm's affine entries and -- when no other layer produces
 the same units (no residual coupling) -- every reader's input columns (after a flatten too).
@@ -58,14 +63,39 @@ class LayerSite:
         return {"layer": self.layer, "norm": self.norm, "activation": self.activation}[where]
 
 
-def layer_sites(model: nn.Module, exclude: Iterable[str] = (), skip_classifier: bool = True) -> list[LayerSite]:
-    """Every conv / linear layer of ``model`` except the classifier (:func:`.groups.find_classifier`) and the
-    layers whose name matches an fnmatch pattern of ``exclude``, in registration order.
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the leaf modules of ``model`` in the order a forward pass of ``example`` first calls them
+    (leaves the pass never calls are left out). The pass runs in eval mode without gradients (no BatchNorm
+    statistics change), and the model's train/eval flags are restored."""
+    leaves = {m: n for n, m in model.named_modules() if not any(True for _ in m.children())}
+    seen: dict[str, None] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.setdefault(name)) for m, n in leaves.items()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return list(seen)
 
-    The norm is the next leaf module in registration order when it is a normalisation layer over the layer's
+
+def layer_sites(model: nn.Module, exclude: Iterable[str] = (), skip_classifier: bool = True,
+                example: torch.Tensor | None = None) -> list[LayerSite]:
+    """Every conv / linear layer of ``model`` except the classifier (:func:`.groups.find_classifier`) and the
+    layers whose name matches an fnmatch pattern of ``exclude``, in forward order (:func:`execution_order` of
+    ``example``; registration order without one).
+
+    The norm is the next leaf module in that order when it is a normalisation layer over the layer's
     channels; the activation is the first activation module after the layer and before the next conv /
     linear layer."""
     leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    if example is not None:
+        modules = dict(leaves)
+        leaves = [(n, modules[n]) for n in execution_order(model, example)]
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
