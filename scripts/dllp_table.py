@@ -7,9 +7,10 @@ One row per run (mean over seeds when several runs share method and sparsity): t
 (``prune.sparsity``, or ``method.amount`` of a structured arm removing a fraction of units), the measured parameter sparsity of the final network, test accuracy after pruning and after fine-tuning, and
 DLLP's reliability report from the pruning stage (particle-ensemble accuracy / NLL / Brier / ECE / mutual
 information, accuracy across particles mean +- sd, undecided fraction, mean standard error of rho,
-agreement of the deployed network with the ensemble). ``--eval`` also loads every run's FINAL fine-tuned
-network and measures its NLL, Brier score and ECE (15 bins) on the test set, so the calibration of DLLP's
-deployed network and of the magnitude-pruned one are compared on equal terms.
+agreement of the deployed network with the ensemble). ``--eval`` also loads every run's deployed network right
+after pruning (compacted, before fine-tuning) and after fine-tuning and measures NLL (and Brier score) and ECE
+(15 bins) on the test set, so the calibration of DLLP's deployed network and of the other arms' are compared on
+equal terms.
 """
 
 from __future__ import annotations
@@ -58,9 +59,31 @@ def target(cfg: dict[str, Any]) -> float:
     return float(cfg["prune"]["sparsity"])
 
 
+def _stage_model(run_dir: Path, cfg: dict[str, Any], stage: str, dm) -> torch.nn.Module | None:
+    """The network a stage recorded: its compacted module, or the state dict loaded into the architecture."""
+    from hydra.utils import instantiate
+
+    path = run_dir / "stages" / f"{stage}.pt"
+    if not path.exists():
+        return None
+    rec = torch.load(path, map_location="cpu", weights_only=False)
+    if rec.get("module") is not None:
+        model = rec["module"]
+        model.load_state_dict(rec["model"])
+        return model
+    prune = torch.load(run_dir / "stages" / "prune.pt", map_location="cpu", weights_only=False)
+    if prune.get("module") is not None:
+        model = prune["module"]
+    else:
+        model = instantiate(cfg["model"], input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
+    model.load_state_dict(rec["model"])
+    return model
+
+
 @torch.no_grad()
 def evaluate_final(run_dir: Path, cfg: dict[str, Any]) -> dict[str, float]:
-    """NLL / Brier / ECE / accuracy of the final (fine-tuned) network of a run on its test split."""
+    """NLL / Brier / ECE / accuracy on the run's test split of the deployed network right after pruning
+    (``pruned_*``: the compacted network before fine-tuning) and of the final, fine-tuned one (``final_*``)."""
     from hydra.utils import instantiate
 
     from prunelab.metrics.reliability import ensemble_metrics
@@ -68,26 +91,21 @@ def evaluate_final(run_dir: Path, cfg: dict[str, Any]) -> dict[str, float]:
     dm = instantiate(cfg["data"])
     dm.prepare_data()
     dm.setup("fit")
-    stages = run_dir / "stages"
-    ft = torch.load(stages / "finetune.pt", map_location="cpu", weights_only=False)
-    if ft.get("module") is not None:
-        model = ft["module"]
-    else:
-        prune = torch.load(stages / "prune.pt", map_location="cpu", weights_only=False)
-        if prune.get("module") is not None:
-            model = prune["module"]
-        else:
-            model = instantiate(cfg["model"], input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
-        model.load_state_dict(ft["model"])
-    model.eval()
-    probs, ys = [], []
-    for x, y in dm.test_dataloader():
-        x, y = dm.process_batch(x, y, train=False)
-        probs.append(model(x).softmax(-1))
-        ys.append(y)
-    m = ensemble_metrics(torch.cat(probs)[None], torch.cat(ys))
-    return {"final_acc_eval": m["acc"], "final_nll": m["nll"], "final_brier": m["brier"], "final_ece": m["ece"],
-            "final_entropy": m["entropy"]}
+    out: dict[str, float] = {}
+    for stage, prefix in (("prune", "pruned"), ("finetune", "final")):
+        model = _stage_model(run_dir, cfg, stage, dm)
+        if model is None:
+            continue
+        model.eval()
+        probs, ys = [], []
+        for x, y in dm.test_dataloader():
+            x, y = dm.process_batch(x, y, train=False)
+            probs.append(model(x).softmax(-1))
+            ys.append(y)
+        m = ensemble_metrics(torch.cat(probs)[None], torch.cat(ys))
+        out.update({f"{prefix}_acc_eval": m["acc"], f"{prefix}_nll": m["nll"], f"{prefix}_brier": m["brier"],
+                    f"{prefix}_ece": m["ece"], f"{prefix}_entropy": m["entropy"]})
+    return out
 
 
 def fmt(values: list[float], pct: bool = False) -> str:
@@ -109,7 +127,7 @@ def table(rows: list[dict[str, Any]], with_eval: bool) -> str:
         groups[(r["arm"], r["sparsity"])].append(r)
     cols = ["arm", "target", "runs", "param sparsity", "acc pruned %", "acc final %"]
     if with_eval:
-        cols += ["final NLL", "final Brier", "final ECE"]
+        cols += ["pruned NLL", "pruned ECE", "final NLL", "final Brier", "final ECE"]
     cols += ["particle acc %"] + [c for _, c in DLLP_COLS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (a, s), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -117,7 +135,8 @@ def table(rows: list[dict[str, Any]], with_eval: bool) -> str:
         cells = [a, f"{s:g}", str(len(rs)), fmt([x.get("sparsity_direct") for x in f]),
                  fmt([x.get("prune_test_acc") for x in f], True), fmt([x.get("test_acc") for x in f], True)]
         if with_eval:
-            cells += [fmt([r.get("eval", {}).get(k) for r in rs]) for k in ("final_nll", "final_brier", "final_ece")]
+            cells += [fmt([r.get("eval", {}).get(k) for r in rs])
+                      for k in ("pruned_nll", "pruned_ece", "final_nll", "final_brier", "final_ece")]
         pm = [x.get("dllp_particle_acc_mean") for x in f]
         if pm[0] is None:
             cells.append("–")
