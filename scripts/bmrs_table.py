@@ -1,6 +1,6 @@
 """Markdown table of BMRS runs (results.json files under the given folders) with the paper's numbers beside.
 
-    python scripts/bmrs_table.py outputs/multirun/bmrs_mlp_mnist [more folders...] [--out table.md]
+    python scripts/bmrs_table.py outputs/multirun/bmrs_mlp_mnist [more folders...] [--out table.md] [--csv runs.csv]
 
 One row per (setting, rule, Delta F_N variant): test accuracy after fine-tuning, accuracy right after pruning
 (before fine-tuning), fraction of units removed, fraction of parameters removed (a unit's in- and out-weights
@@ -44,10 +44,11 @@ def _fmt(v, sd=None, pct: bool = True) -> str:
     return text + (f" ± {k * sd:.1f}" if sd is not None and not math.isnan(sd) else "")
 
 
-def table(dirs: list[str]) -> str:
+def labelled(dirs: list[str]):
+    """(runs with ``setting``, ``rule_``, ``variant``, ``p`` columns, jobs without results)."""
     runs, problems = collect(dirs)
     if runs.empty:
-        return "no finished runs found in " + ", ".join(dirs)
+        return runs, problems
     get = lambda col, default=None: runs[col] if col in runs else default  # noqa: E731
     runs = runs.assign(
         setting=get("config.name", "?").astype(str).str.replace(r"_(none|l2)$", "", regex=True),
@@ -57,9 +58,40 @@ def table(dirs: list[str]) -> str:
     )
     l2 = (runs["config.method.criterion"] == "l2_norm") if "config.method.criterion" in runs else runs["rule_"].isna() & False
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
+    return runs, problems
+
+
+def arm_name(rule: str, p) -> str:
+    return rule if rule != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}"
+
+
+def per_run_csv(runs) -> str:
+    """One line per run: arm, seed, accuracies, fractions removed, run id (sorted by setting, arm, seed)."""
+    lines = ["setting,arm,seed,test_acc,acc_after_pruning_before_ft,val_acc_best,frac_units_removed,"
+             "frac_params_removed,run_id"]
+    col = lambda r, c: "" if c not in r or r[c] != r[c] else r[c]  # noqa: E731
+    recs = []
+    for _, r in runs.iterrows():
+        rule = r["rule_"]
+        units, params = col(r, "final.frac_units_removed"), col(r, "final.frac_params_removed")
+        if rule == "l2":
+            units = r["final.units_removed_frac"]
+            params = 1 - float(r["final.params_after"]) / float(r["final.params_before"])
+        val = col(r, "final.val_acc_best")
+        recs.append((r["setting"], arm_name(rule, r["p"]), int(r["config.seed"]), col(r, "final.test_acc"),
+                     col(r, "final.prune_test_acc") if rule != "none" else "", val, units, params, r["run_id"]))
+    for rec in sorted(recs, key=lambda t: (t[0], t[1], t[2])):
+        lines.append(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rec))
+    return "\n".join(lines) + "\n"
+
+
+def table(dirs: list[str]) -> str:
+    runs, problems = labelled(dirs)
+    if runs.empty:
+        return "no finished runs found in " + ", ".join(dirs)
     rows = []
     for (setting, rule, variant, p), g in runs.groupby(["setting", "rule_", "variant", "p"], dropna=False, sort=True):
-        key = rule if rule != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}"
+        key = arm_name(rule, p)
         label = key if rule != "bmrs_n" else f"bmrs_n ({variant})"
         paper_acc, paper_comp = PAPER.get((setting, key), (None, None))
 
@@ -90,8 +122,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--csv", default=None, help="also write one line per run to this file")
     args = ap.parse_args()
     text = table(args.dirs)
+    if args.csv:
+        Path(args.csv).write_text(per_run_csv(labelled(args.dirs)[0]))
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

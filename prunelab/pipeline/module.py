@@ -64,7 +64,8 @@ class PruneModule(pl.LightningModule):
         self.accel = dict(accel or {})  # prunelab.training.accel: channels_last, compile
         self.channels_last = bool(self.accel.get("channels_last"))
         self.automatic_optimization = False
-        self._train_sums = torch.zeros(3)
+        self._train_sums = torch.zeros(2)  # loss sum, correct predictions
+        self._train_count = 0
         self._extra_sum = torch.zeros(())
         self._step_logged: dict[str, torch.Tensor] = {}  # the latest step-level values given to self.log
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -122,18 +123,20 @@ class PruneModule(pl.LightningModule):
         self.hook.after_step(self, batch_idx)
         if self.hook.should_stop():
             self.trainer.should_stop = True
-        # Training loss/accuracy are accumulated on the device (one small op per step, no sync, no logging
-        # machinery) and logged once per epoch; the step loss goes to the logger every log_every_n_steps.
+        # Training loss/accuracy are accumulated on the device (no sync, no host-to-device copy, no logging
+        # machinery; the sample count on the host) and logged once per epoch; the step loss goes to the logger
+        # every log_every_n_steps.
         with torch.no_grad():
-            n = torch.tensor(float(len(y)), device=loss.device)
-            self._train_sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), n])
+            self._train_sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+        self._train_count += len(y)
         if batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
             self.check_finite_loss()
             self._step_logged[f"{self.stage}/train/loss_step"] = loss.detach()
             self.log(f"{self.stage}/train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
-        self._train_sums = torch.zeros(3, device=self.device)
+        self._train_sums = torch.zeros(2, device=self.device)
+        self._train_count = 0
         self._extra_sum = torch.zeros((), device=self.device)
 
     def check_finite_loss(self) -> None:
@@ -153,7 +156,8 @@ class PruneModule(pl.LightningModule):
         for key, value in self.hook.on_epoch_end(self).items():
             self.log(f"{self.stage}/{key}", float(value))
         self.log_effective_sparsity()
-        loss_sum, correct, count = self._train_sums.tolist()
+        loss_sum, correct = self._train_sums.tolist()
+        count = self._train_count
         if count:
             self.log(f"{self.stage}/train/loss", loss_sum / count, sync_dist=True)
             self.log(f"{self.stage}/train/acc", correct / count, sync_dist=True)
