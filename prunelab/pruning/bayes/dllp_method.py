@@ -321,12 +321,18 @@ class DLLPMethod(TrainingMethod):
             target_density=1.0 - self.sparsity, temperature=self.prior["temperature"],
             clip=tuple(self.prior["clip"]), init=self.prior["init"], gate_mode=GATES[self.gate],
             exclude=self.exclude, generator=gen, data=data, bn_eval=not self.train_weights,
-            example=torch.zeros(2, *ctx.input_shape, device=next(model.parameters()).device),
+            example=self._example(ctx, model),
         )
         dllp = DLLP(dmodel, train_set_size(ctx.datamodule), tau_start=self.tau["start"],
                     tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight,
                     density=1.0 - self.sparsity if self.budget_lr > 0 else None, dual_lr=self.budget_lr)
         return dmodel, DLLPHook(dllp, self.svgd["lr"], dllp.n_train, self.train_weights)
+
+    @staticmethod
+    def _example(ctx, model: nn.Module) -> Tensor | None:
+        """A zero batch of the data's input shape (the gate sites follow the forward pass); None without one."""
+        shape = getattr(ctx, "input_shape", None)
+        return None if shape is None else torch.zeros(2, *shape, device=next(model.parameters()).device)
 
     # finish ----------------------------------------------------------------------------------------------
     def unit_masks(self, dllp: DLLP) -> dict[str, Tensor]:
