@@ -15,7 +15,6 @@ from prunelab.pipeline.module import PruneModule
 from prunelab.pipeline.run import validate
 from prunelab.pruning.masks import MaskSet
 
-
 _SEEN: list[torch.Tensor] = []  # the training inputs the model received (channels-last check)
 
 

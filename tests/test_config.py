@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
 from prunelab.cli import CONFIG_DIR
-from tests.conftest import compose_config
 from prunelab.pipeline.run import run_pipeline, validate
+from tests.conftest import compose_config
 
 GROUPS = ["data", "model", "method", "allocation", "schedule", "finetune", "trainer", "logger", "experiment",
           "hparams_search"]

@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 
 from prunelab.data import DigitsDataModule, SyntheticDataModule
 from prunelab.data.batched import BatchIndexDataset, Chunk, steps_per_call
+from prunelab.errors import UserError
 from prunelab.models import build_model
 from prunelab.pipeline.checks import check_target_options
 from prunelab.pipeline.loggers import CSVLogger
 from prunelab.pipeline.module import PruneModule
 from prunelab.pruning.masks import MaskSet
 from prunelab.training.hooks import TrainHook
-from prunelab.errors import UserError
 
 
 def _trainer(**over):

@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from prunelab.data.batched import BatchIndexDataset, Chunk, batch_loader, epoch_permutation, epoch_seed, steps_per_call
+from prunelab.data.batched import (
+    BatchIndexDataset,
+    Chunk,
+    batch_loader,
+    epoch_permutation,
+    epoch_seed,
+    steps_per_call,
+)
 from prunelab.data.transforms import augment_batch, normalize, resize_center_crop, to_float
 
 log = logging.getLogger(__name__)

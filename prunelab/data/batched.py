@@ -55,7 +55,8 @@ def steps_per_call(requested: int, trainer: Any) -> int:
         return 1
     try:
         limit, val_every = trainer.limit_train_batches, trainer.val_check_interval
-        whole = (getattr(trainer.lightning_module, "takes_chunks", False) is True and isinstance(limit, float) and limit == 1.0 and trainer.max_steps in (-1, None)
+        whole = (getattr(trainer.lightning_module, "takes_chunks", False) is True
+                 and isinstance(limit, float) and limit == 1.0 and trainer.max_steps in (-1, None)
                  and isinstance(val_every, float) and val_every == 1.0 and not trainer.overfit_batches
                  and not trainer.fast_dev_run and trainer.accumulate_grad_batches == 1 and trainer.world_size == 1)
     except AttributeError:  # not a Lightning Trainer: one batch per call
