@@ -68,6 +68,7 @@ class PruneModule(pl.LightningModule):
         self._train_count = 0
         self._extra_sum = torch.zeros(())
         self._step_logged: dict[str, torch.Tensor] = {}  # the latest step-level values given to self.log
+        self._total_steps: tuple[Any, int] | None = None  # (trainer, optimiser steps of its fit)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -259,7 +260,12 @@ class PruneModule(pl.LightningModule):
     def total_steps(self) -> int:
         """Optimiser steps of this fit: Lightning's ``estimated_stepping_batches`` counts calls, and a call takes
         ``steps_per_call`` batches (only for whole epochs: no batch limits or max_steps, see
-        :func:`~prunelab.data.batched.steps_per_call`)."""
+        :func:`~prunelab.data.batched.steps_per_call`). Computed once per fit (hooks read it every step)."""
+        if self._total_steps is None or self._total_steps[0] is not self.trainer:
+            self._total_steps = (self.trainer, self._count_steps())
+        return self._total_steps[1]
+
+    def _count_steps(self) -> int:
         calls = int(self.trainer.estimated_stepping_batches)
         ds = getattr(self.trainer.train_dataloader, "dataset", None)
         if getattr(ds, "chunk", 1) <= 1:

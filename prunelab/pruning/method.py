@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from prunelab.pruning.masks import MaskSet
@@ -90,6 +91,13 @@ def check_target_options(method: Any, prune: Any) -> None:
             hint = (f"its target is {own}" if own else "it is threshold-free (no target option)")
             raise ValueError(f"prune.{option}={prune.get(option)} is ignored by method={method.name}: {hint}; "
                              f"unset prune.{option} (allowed values for this method: null)")
+
+
+def example_batch(ctx: Any, model: nn.Module, n: int = 2) -> torch.Tensor | None:
+    """A zero batch of the data's input shape on the model's device (what traces a model's forward order);
+    None when the context does not know the input shape."""
+    shape = getattr(ctx, "input_shape", None)
+    return None if shape is None else torch.zeros(n, *shape, device=next(model.parameters()).device)
 
 
 def train_set_size(dm: Any) -> int:

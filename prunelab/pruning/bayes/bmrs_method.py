@@ -36,7 +36,7 @@ from torch import nn
 
 from prunelab.pruning.bayes import bmrs as B
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.method import Finished, TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.method import Finished, TrainingMethod, check_choice, example_batch, train_set_size
 from prunelab.pruning.units.compact import compact_units
 from prunelab.pruning.units.groups import build_groups, unit_index
 from prunelab.pruning.units.layers import BN_TYPES, HOMOGENEOUS_TYPES
@@ -236,9 +236,7 @@ class BMRSMethod(TrainingMethod):
         return None, self.rule
 
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, BMRSHook]:
-        shape = getattr(ctx, "input_shape", None)
-        ref = next(model.parameters())
-        example = torch.zeros(2, *shape, device=ref.device) if shape is not None else None
+        example = example_batch(ctx, model)
         noises = B.insert_noise(model, self.placement, example=example, log_a=self.log_a, log_b=self.log_b,
                                 init_mu=self.mu_init, init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, delta_f_n_variant=self.delta_f_n_variant, model=model,

@@ -65,7 +65,7 @@ from prunelab.pruning.bayes.dllp_prior import FUNCTION_IMPORTANCES
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.method import Finished, TrainingMethod, check_choice, train_set_size
+from prunelab.pruning.method import Finished, TrainingMethod, check_choice, example_batch, train_set_size
 from prunelab.pruning.units.compact import compact_units
 from prunelab.training.hooks import TrainHook
 
@@ -321,18 +321,12 @@ class DLLPMethod(TrainingMethod):
             target_density=1.0 - self.sparsity, temperature=self.prior["temperature"],
             clip=tuple(self.prior["clip"]), init=self.prior["init"], gate_mode=GATES[self.gate],
             exclude=self.exclude, generator=gen, data=data, bn_eval=not self.train_weights,
-            example=self._example(ctx, model),
+            example=example_batch(ctx, model),
         )
         dllp = DLLP(dmodel, train_set_size(ctx.datamodule), tau_start=self.tau["start"],
                     tau_end=self.tau["end"], tau_schedule=self.tau["schedule"], data_weight=self.data_weight,
                     density=1.0 - self.sparsity if self.budget_lr > 0 else None, dual_lr=self.budget_lr)
         return dmodel, DLLPHook(dllp, self.svgd["lr"], dllp.n_train, self.train_weights)
-
-    @staticmethod
-    def _example(ctx, model: nn.Module) -> Tensor | None:
-        """A zero batch of the data's input shape (the gate sites follow the forward pass); None without one."""
-        shape = getattr(ctx, "input_shape", None)
-        return None if shape is None else torch.zeros(2, *shape, device=next(model.parameters()).device)
 
     # finish ----------------------------------------------------------------------------------------------
     def unit_masks(self, dllp: DLLP) -> dict[str, Tensor]:
