@@ -12,8 +12,9 @@ from prunelab.data import SyntheticDataModule
 from prunelab.errors import UserError
 from prunelab.models import build_model
 from prunelab.pipeline.module import PruneModule
-from prunelab.pipeline.run import validate
+from prunelab.pipeline.run import build_context, validate
 from prunelab.pruning.masks import MaskSet
+from prunelab.training.hooks import TrainHook
 
 _SEEN: list[torch.Tensor] = []  # the training inputs the model received (channels-last check)
 
@@ -62,3 +63,17 @@ def test_accel_options_train_the_same_model(tmp_path, model_name, accel):
 def test_bad_accel_options_are_refused_at_start_up(make_cfg, override, match):
     with pytest.raises(UserError, match=match):
         validate(make_cfg(override))
+
+
+class _Fails(TrainHook):
+    def after_step(self, module, batch_idx: int) -> None:
+        raise RuntimeError("simulated failure mid-stage")
+
+
+def test_a_stage_that_raises_hands_the_model_back_uncompiled(make_cfg, tmp_path):
+    ctx = build_context(make_cfg("accel.compile=true", "accel.compile_backend=eager"))
+    model = ctx.build_model()
+    module = ctx.module(model, "pretrain", ctx.cfg.pretrain.optimizer, ctx.cfg.pretrain.scheduler, hook=_Fails())
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        ctx.fit(module, 1, tmp_path / "ckpt")
+    assert getattr(model, "_compiled_call_impl", None) is None

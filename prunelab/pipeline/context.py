@@ -39,6 +39,7 @@ from prunelab.pruning.allocation import Allocation
 from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Scorer
+from prunelab.training.accel import release
 from prunelab.utils.finite import check_finite_model, optimizer_advice
 from prunelab.utils.io import (
     atomic_torch_save,
@@ -165,7 +166,10 @@ class RunContext:
             resume = False
         if resume:
             log.info("%s: resuming from %s", module.stage, last)
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if resume else None)
+        try:
+            trainer.fit(module, datamodule=self.datamodule, ckpt_path=str(last) if resume else None)
+        finally:  # Lightning calls no module hook when a fit raises: hand the model back uncompiled anyway
+            release(module.model)
         if trainer.interrupted:  # Lightning turns Ctrl-C into a graceful stop: the stage is not done
             raise KeyboardInterrupt(f"{module.stage} interrupted; re-run the same command to resume")
         return time.perf_counter() - start

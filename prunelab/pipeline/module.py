@@ -211,10 +211,7 @@ class PruneModule(pl.LightningModule):
         self.hook.on_train_start(self)
 
     def on_fit_end(self) -> None:
-        speed.release(self.model)
-
-    def teardown(self, stage: str) -> None:
-        speed.release(self.model)  # also when the fit stopped with an error
+        speed.release(self.model)  # a fit that raises is released by its caller (RunContext.fit)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean of ``tensor`` over DDP ranks (identity in a single process): what hooks use so that every
