@@ -4,7 +4,8 @@
 # resuming (finished runs are skipped: each run's folder is named by a hash of its config):
 #   RUNS=/work/runs/bmrs_fmnist SETTINGS="mlp_fashion_mnist" SEEDS="0 1 2" scripts/reproduce_bmrs_fmnist.sh
 # Per setting (conf/experiment/bmrs_<setting>.yaml: the paper's App. C settings) and seed (outer loop, so an
-# interrupted grid leaves whole seeds), the arms of Table 1:
+# interrupted grid leaves whole seeds), the arms of Table 1, in the order ARMS gives (default below; bmrs_n
+# before l2, which reads BMRS_N's compression), one invocation each:
 #   bmrs_n, bmrs_u (p=8), bmrs_u (p=4), snr, expected_theta: 50 epochs with the noise + 10 of fine-tuning;
 #   none: the same network and recipe without noise (schedule=at_init, sparsity 0; 60 epochs, best validation);
 #   l2: the `none` arm's recipe for 50 epochs, then one-shot L2-norm unit pruning at the fraction of units that
@@ -15,6 +16,8 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
 SETTINGS="${SETTINGS:-mlp_fashion_mnist lenet5_fashion_mnist}"
 SEEDS="${SEEDS:-0 1 2}"
+ALL_ARMS="bmrs_n l2 none bmrs_u8 bmrs_u4 snr expected_theta"
+ARMS="${ARMS:-$ALL_ARMS}"
 PL="${PRUNELAB:-prunelab}"
 PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
@@ -25,11 +28,15 @@ for setting in $SETTINGS; do
           trainer.enable_progress_bar=false logger=csv)
   [ -n "${DATA_SOURCE:-}" ] && common+=("data.source_dir=$DATA_SOURCE")
   for seed in $SEEDS; do
-    $PL -m "${common[@]}" seed="$seed" method=bmrs_n,bmrs_u,snr,expected_theta || failed=1
-    $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1
-    $PL -m "${common[@]}" seed="$seed" schedule=at_init "~schedule.epochs" method=random allocation=uniform \
-        prune.sparsity=0 pretrain.epochs=60 finetune.epochs=0 name="bmrs_${setting}_none" || failed=1
-    frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" <<'PY'
+    for arm in $ARMS; do
+      case "$arm" in
+        bmrs_n|snr|expected_theta) $PL -m "${common[@]}" seed="$seed" method="$arm" || failed=1 ;;
+        bmrs_u8) $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=8 || failed=1 ;;
+        bmrs_u4) $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1 ;;
+        none) $PL -m "${common[@]}" seed="$seed" schedule=at_init "~schedule.epochs" method=random \
+                  allocation=uniform prune.sparsity=0 pretrain.epochs=60 finetune.epochs=0 \
+                  name="bmrs_${setting}_none" || failed=1 ;;
+        l2) frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" <<'PY'
 import json, sys
 from pathlib import Path
 fracs = [json.loads(p.read_text())["final"]["frac_units_removed"] for p in Path(sys.argv[1]).rglob("results.json")
@@ -38,12 +45,15 @@ fracs = [json.loads(p.read_text())["final"]["frac_units_removed"] for p in Path(
 print(f"{fracs[-1]:.4f}" if fracs else "")
 PY
 )
-    if [ -n "$frac" ]; then
-      $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" method.target_kind=units \
-          "method.amount=$frac" name="bmrs_${setting}_l2" || failed=1
-    else
-      echo "seed $seed: no bmrs_n result, l2 arm skipped" >&2; failed=1
-    fi
+            if [ -n "$frac" ]; then
+              $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" \
+                  method.target_kind=units "method.amount=$frac" name="bmrs_${setting}_l2" || failed=1
+            else
+              echo "seed $seed: no bmrs_n result (run the bmrs_n arm first), l2 arm skipped" >&2; failed=1
+            fi ;;
+        *) echo "unknown arm '$arm'; allowed: $ALL_ARMS" >&2; exit 2 ;;
+      esac
+    done
   done
 done
 exit "$failed"
