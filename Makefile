@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_structured.py --models vgg19 resnet18 resnet50 --repeats 5
 	$(PY) scripts/bench_overparam.py --batch-size 16 --repeats 3
 	$(PY) scripts/bench_dllp.py
+	$(PY) scripts/bench_bmrs_step.py
 	$(PY) scripts/bench_sweep.py --sweep-repeats 3
 	$(PY) scripts/bench_gpu.py
 

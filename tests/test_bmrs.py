@@ -275,6 +275,86 @@ def test_reparameterised_gradient_matches_closed_form_gradient():
     torch.testing.assert_close(g_mc[1], noise.log_sigma.grad, rtol=0.05, atol=2e-3)
 
 
+# (mu, log_sigma): central, lower-tail prior mass, initialisation (sigma = e^-5), mu below log a (both bounds
+# far in the upper tail), mu above log b (both far in the lower tail), nearly flat
+SAMPLER_CASES = [(-1.0, 0.0), (-3.0, -1.0), (-19.5, 0.0), (0.0, -5.0), (-40.0, -1.0), (5.0, -2.0), (-10.0, 3.0)]
+
+
+def _bench_bmrs_step():
+    """``scripts/bench_bmrs_step.py`` as a module: it holds the reference sampler the benchmark compares against."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_bmrs_step.py"
+    spec = importlib.util.spec_from_file_location("bench_bmrs_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def composed_sample(mu, sigma, u):
+    """The sampler written as a composition of differentiable operations (autograd gives its gradient)."""
+    return _bench_bmrs_step().composed_sample_log_theta(mu, sigma, LA, LB, u)
+
+
+def _sampler_inputs(mu: float, log_sigma: float, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    m = torch.tensor([mu, mu + 0.5, mu - 0.5], dtype=dtype).view(1, 3, 1, 1).requires_grad_()
+    s = (torch.tensor([log_sigma, log_sigma - 0.3, log_sigma + 0.3], dtype=dtype).exp().view(1, 3, 1, 1)
+         .detach().requires_grad_())
+    u = torch.rand(4, 3, 2, 2, generator=g, dtype=dtype).clamp(1e-6, 1 - 1e-6)
+    return m, s, u
+
+
+@pytest.mark.parametrize("mu,log_sigma", SAMPLER_CASES)
+def test_sampler_pathwise_gradient_matches_finite_differences(mu, log_sigma):
+    """The closed-form gradient of ``sample_log_theta`` (per-unit mu, sigma broadcast over the draws) against
+    central finite differences in float64."""
+    m, s, u = _sampler_inputs(mu, log_sigma)
+    assert torch.autograd.gradcheck(lambda a, b: ln.sample_log_theta(a, b, LA, LB, u), (m, s), eps=1e-7,
+                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mu,log_sigma", SAMPLER_CASES)
+def test_sampler_equals_autograd_through_the_composed_formula(mu, log_sigma):
+    """float64: the same samples and, to rounding, the same gradient as autograd through the composed
+    operations. float32 (where LogNormalNoise samples in float32): the same samples to rounding, and a gradient
+    no further from the float64 one (same draws) than the composed formula's float32 gradient is."""
+    m, s, u = _sampler_inputs(mu, log_sigma)
+    w = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=u.dtype)
+
+    def grads(fn, m, s, u, w):
+        x = fn(m, s, u)
+        return x, torch.autograd.grad((x * w).sum(), (m, s))
+
+    x, g = grads(lambda a, b, c: ln.sample_log_theta(a, b, LA, LB, c), m, s, u, w)
+    x_ref, g_ref = grads(composed_sample, m, s, u, w)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    noise = LogNormalNoise(3)
+    if noise._needs_float64(m.detach().float().flatten(), s.detach().float().flatten()):
+        return  # LogNormalNoise samples in float64 here
+    m32, s32 = (t.detach().float().requires_grad_() for t in (m, s))
+    u32 = u.float()
+    _, g_true = grads(lambda a, b, c: ln.sample_log_theta(a, b, LA, LB, c), m32.double().detach().requires_grad_(),
+                      s32.double().detach().requires_grad_(), u32.double(), w)
+    x32, g32 = grads(lambda a, b, c: ln.sample_log_theta(a, b, LA, LB, c), m32, s32, u32, w.float())
+    x32_ref, g32_ref = grads(composed_sample, m32, s32, u32, w.float())
+    torch.testing.assert_close(x32, x32_ref)
+    scale = max(float(t.abs().max()) for t in g_true)
+    for new, old, true in zip(g32, g32_ref, g_true):
+        err_new, err_old = float((new.double() - true).abs().max()), float((old.double() - true).abs().max())
+        assert err_new <= 1.5 * err_old + 1e-5 * scale, (err_new, err_old)
+
+
+def test_bench_bmrs_step_runs(capsys):
+    _bench_bmrs_step().main(["--batch", "8", "--steps", "2", "--pairs", "2"])
+    out = capsys.readouterr().out
+    assert "closed_form" in out and "composed" in out and "speed-up (composed / closed form)" in out
+
+
 def test_noise_layer_modes_and_mask():
     torch.manual_seed(0)
     noise = LogNormalNoise(3, dim=1)
