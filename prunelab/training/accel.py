@@ -43,11 +43,12 @@ def check_accel(opts: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare(model: nn.Module, opts: Mapping[str, Any]) -> None:
-    """Apply the options to ``model`` for a stage (in place)."""
-    if opts.get("channels_last"):
+    """Apply the options (checked and completed by :func:`check_accel`) to ``model`` for a stage (in place)."""
+    opts = check_accel(opts)
+    if opts["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    if opts.get("compile"):
-        model.compile(mode=opts.get("compile_mode"), backend=opts.get("compile_backend", "inductor"))
+    if opts["compile"]:
+        model.compile(mode=opts["compile_mode"], backend=opts["compile_backend"])
 
 
 def release(model: nn.Module) -> None:
