@@ -12,7 +12,7 @@
 #       keeping the best-validation epoch (as the paper's L2 column);
 #   none: l2's dense network (the same cached 50 epochs), nothing pruned (sparsity 0), the same 10 epochs of
 #       fine-tuning keeping the best-validation epoch: 50 + 10 epochs like every other arm.
-# Table: python scripts/bmrs_table.py $RUNS/outputs/multirun --sd  (docs/results/bmrs_fmnist.md).
+# Table: python scripts/bmrs_table.py $RUNS/outputs/multirun [--csv runs.csv]  (docs/results/bmrs_fmnist.md).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
