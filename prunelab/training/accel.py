@@ -35,6 +35,8 @@ def check_accel(opts: Mapping[str, Any]) -> dict[str, Any]:
     if out["compile_mode"] not in MODES:
         raise ValueError(f"accel.compile_mode={out['compile_mode']!r}: allowed values: "
                          + ", ".join("null" if m is None else m for m in MODES))
+    if out["compile_backend"] == "inductor":  # the default; listing the backends imports dynamo (seconds)
+        return out
     if not isinstance(out["compile_backend"], str) or out["compile_backend"] not in torch.compiler.list_backends(
             exclude_tags=()):
         raise ValueError(f"accel.compile_backend={out['compile_backend']!r}: allowed values: "
