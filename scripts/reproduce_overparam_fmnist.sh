@@ -17,8 +17,7 @@ PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 mkdir -p "$RUNS" && cd "$RUNS" || exit 1
 common=(experiment=overparam_lenet5_fashion_mnist "paths.cache_dir=$CACHE" "paths.data_dir=$RUNS/data"
-        "method.amount=$RATIOS" trainer.enable_progress_bar=false
-        measure.latency=false)  # the table reports params and FLOPs; CPU latency on a shared machine is noise
+        "method.amount=$RATIOS" trainer.enable_progress_bar=false)
 [ -n "${DATA_SOURCE:-}" ] && common+=("data.source_dir=$DATA_SOURCE")
 failed=0
 for seed in $SEEDS; do  # seeds outer: an interrupted grid leaves whole seeds
