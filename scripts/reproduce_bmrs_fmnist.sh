@@ -23,6 +23,9 @@ ARMS="${ARMS:-$ALL_ARMS}"
 PL="${PRUNELAB:-prunelab}"
 PY="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+for arm in $ARMS; do  # refuse a wrong arm before anything runs
+  case " $ALL_ARMS " in *" $arm "*) ;; *) echo "ARMS: unknown arm '$arm'; allowed: $ALL_ARMS" >&2; exit 2 ;; esac
+done
 mkdir -p "$RUNS" && cd "$RUNS" || exit 1
 failed=0
 for setting in $SETTINGS; do
@@ -52,7 +55,6 @@ PY
             else
               echo "seed $seed: no bmrs_n result (run the bmrs_n arm first), l2 arm skipped" >&2; failed=1
             fi ;;
-        *) echo "unknown arm '$arm'; allowed: $ALL_ARMS" >&2; exit 2 ;;
       esac
     done
   done
