@@ -21,7 +21,11 @@ COMPS="${COMPS:-10,31.62,100,316.2,1000}"
 PL="${PRUNELAB:-prunelab}"
 # one thread per process: on a shared 2-core machine two threads made an epoch 15x slower
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(random saliency imp synflow lamp)
+all_groups="random saliency imp synflow lamp"
+groups=("$@"); [ ${#groups[@]} -gt 0 ] || read -ra groups <<< "$all_groups"
+for g in "${groups[@]}"; do  # refuse a wrong group before anything runs
+  case " $all_groups " in *" $g "*) ;; *) echo "unknown group '$g'; allowed: $all_groups" >&2; exit 2 ;; esac
+done
 mkdir -p "$RUNS" && cd "$RUNS" || exit 1
 common=(experiment=connectivity_lenet_fashion_mnist name=cm_fmnist "paths.cache_dir=$RUNS/cache"
         "paths.data_dir=$RUNS/data" pretrain.epochs="$EPOCHS" data.batch_size="$BATCH"
@@ -37,7 +41,7 @@ run_group() {
                 method.linearize=linear method.count_rule=floor ;;  # the paper's code (prune_synflow)
     imp)      $PL -m "${common[@]}" seed="$2" method=magnitude "${after_training[@]}" ;;
     lamp)     $PL -m "${common[@]}" seed="$2" method=lamp "${after_training[@]}" ;;
-    *) echo "unknown group $1 (random saliency imp synflow lamp)" >&2; return 2 ;;
+    *) echo "unknown group '$1'; allowed: $all_groups" >&2; return 2 ;;
   esac
 }
 failed=0

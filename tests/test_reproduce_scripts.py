@@ -30,3 +30,13 @@ def test_bmrs_fmnist_refuses_an_unknown_arm_before_running(tmp_path: Path):
     assert out.returncode == 2
     assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
     assert not runs.exists()  # nothing was started
+
+
+def test_connectivity_fmnist_refuses_an_unknown_group_before_running(tmp_path: Path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RUNS": str(runs), "PRUNELAB": "false"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_connectivity_fmnist.sh"), "random", "snipp"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "unknown group 'snipp'; allowed: random saliency imp synflow lamp" in out.stderr
+    assert not runs.exists()
