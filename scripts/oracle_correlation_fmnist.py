@@ -17,7 +17,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunelab.cli import CONFIG_DIR  # noqa: E402
 from prunelab.config import register_configs
-from prunelab.pipeline.context import RunContext  # noqa: E402
+from prunelab.pipeline.cache import DenseEntry, data_fingerprint, dense_identity  # noqa: E402
 from prunelab.pruning.structured import criteria as C  # noqa: E402
 from prunelab.pruning.units.gates import Gates  # noqa: E402
 from prunelab.pruning.units.groups import build_groups  # noqa: E402
@@ -48,14 +47,19 @@ def config(seed: int, cache: str, data_dir: str, experiment: str):
     return cfg
 
 
+def dense_model_file(cache: str | Path, cfg, datamodule) -> Path:
+    """Where the pipeline caches the dense model of ``cfg`` (``paths.cache_dir`` = ``cache``)."""
+    return DenseEntry(Path(cache), dense_identity(cfg, data_fingerprint(datamodule))).model_file
+
+
 def correlations(seed: int, args) -> dict[str, tuple[float, float]]:
     cfg = config(seed, args.cache, args.data_dir, args.experiment)
-    dense = Path(args.cache) / "dense" / RunContext.dense_key(SimpleNamespace(cfg=cfg)) / "model.pt"
-    if not dense.is_file():
-        raise SystemExit(f"seed {seed}: no cached dense model at {dense} (run scripts/reproduce_taylor_fmnist.sh)")
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup()
+    dense = dense_model_file(args.cache, cfg, dm)
+    if not dense.is_file():
+        raise SystemExit(f"seed {seed}: no cached dense model at {dense} (run scripts/reproduce_taylor_fmnist.sh)")
     model = instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=dm.num_classes)
     model.load_state_dict(torch.load(dense, map_location="cpu", weights_only=True))
     model.eval()

@@ -265,3 +265,27 @@ def test_second_process_on_a_run_folder_is_refused(make_cfg, tmp_path):
     lock = io.try_lock(run_dir / ".prunelab.lock")  # and released at the end of the run
     assert lock is not None
     lock.release()
+
+
+def test_oracle_script_finds_the_dense_model_the_pipeline_cached(make_cfg, tmp_path):
+    """scripts/oracle_correlation_fmnist.py reads the cached dense models: its lookup (through the same
+    identity as the pipeline, data fingerprint included) finds the file the pipeline wrote."""
+    import importlib.util
+
+    from hydra.utils import instantiate
+
+    npz = tmp_path / "d.npz"
+    _write_npz(npz, 0)
+    opts = [o for o in FULL if not o.startswith("data")] + ["data=npz", f"data.path={npz}", "data.batch_size=32",
+                                                             "finetune.epochs=0"]
+    cfg = make_cfg(*opts, fast=False, output_dir=tmp_path / "run")
+    res = run_pipeline(cfg)
+    spec = importlib.util.spec_from_file_location(
+        "oracle_correlation_fmnist", Path(__file__).resolve().parents[1] / "scripts" / "oracle_correlation_fmnist.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    dm = instantiate(cfg.data)
+    found = script.dense_model_file(cfg.paths.cache_dir, cfg, dm)
+    assert found == Path(res["stages"]["pretrain"]["dir"]) / "model.pt" and found.is_file()
+    _write_npz(npz, 1)  # other data: another dense model
+    assert script.dense_model_file(cfg.paths.cache_dir, cfg, instantiate(cfg.data)) != found

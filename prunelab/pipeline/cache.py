@@ -213,6 +213,13 @@ def dense_identity(cfg: DictConfig, data_files: Any = None) -> dict[str, Any]:
     return ident
 
 
+def data_fingerprint(datamodule: Any) -> Any:
+    """The data module's file fingerprint (its ``fingerprint()``, e.g. ``data=npz``) for :func:`dense_identity`;
+    ``None`` for a data module without one."""
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 def plain(obj: Any) -> Any:
     """``obj`` as the JSON it is stored as (tuples -> lists, non-finite floats and other objects -> strings), so
     that a recorded identity compares equal to the one computed now."""

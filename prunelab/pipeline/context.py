@@ -32,7 +32,14 @@ from prunelab.metrics.latency import (
     count_params,
     relative_spread,
 )
-from prunelab.pipeline.cache import DenseEntry, debug_mode, dense_identity, dense_key, determinism_record
+from prunelab.pipeline.cache import (
+    DenseEntry,
+    data_fingerprint,
+    debug_mode,
+    dense_identity,
+    dense_key,
+    determinism_record,
+)
 from prunelab.pipeline.module import PruneModule
 from prunelab.pipeline.progress import StageProgressBar
 from prunelab.pruning.allocation import Allocation
@@ -313,8 +320,7 @@ class RunContext:
     def dense_identity(self) -> dict[str, Any]:
         """What the dense model depends on (:func:`prunelab.pipeline.cache.dense_identity`), with the data
         module's file fingerprint when it has one."""
-        fingerprint = getattr(self.datamodule, "fingerprint", None)
-        return dense_identity(self.cfg, fingerprint() if callable(fingerprint) else None)
+        return dense_identity(self.cfg, data_fingerprint(self.datamodule))
 
     def dense_key(self) -> str:
         return dense_key(self.dense_identity())
