@@ -6,7 +6,8 @@ One row per (setting, rule, Delta F_N variant): test accuracy after fine-tuning,
 (before fine-tuning), fraction of units removed, fraction of parameters removed (a unit's in- and out-weights
 plus its noise parameters, over the noisy model's parameters), mean ± sd over seeds (n = number of runs). Runs
 without a BMRS rule appear as rule "none" (the dense baseline of scripts/reproduce_bmrs_*.sh, run name
-``<setting>_none``) or "l2" (one-shot L2-norm unit pruning, ``method=l2_norm``, run name ``<setting>_l2``);
+``<setting>_none``) or "l2" (one-shot L2-norm unit pruning, ``method=l2_norm``, run name ``<setting>_l2``; "l2_params" when it
+targets a fraction of the parameters, ``<setting>_l2p``);
 they are listed under their setting.
 
 PAPER holds the numbers the paper reports (Wright, Igel, Selvan, NeurIPS 2024, Table 1: parameter compression %
@@ -51,13 +52,15 @@ def labelled(dirs: list[str]):
         return runs, problems
     get = lambda col, default=None: runs[col] if col in runs else default  # noqa: E731
     runs = runs.assign(
-        setting=get("config.name", "?").astype(str).str.replace(r"_(none|l2)$", "", regex=True),
+        setting=get("config.name", "?").astype(str).str.replace(r"_(none|l2|l2p)$", "", regex=True),
         rule_=get("final.rule", None),
         variant=get("final.delta_f_n_variant", None),
         p=get("config.method.p", None),
     )
     l2 = (runs["config.method.criterion"] == "l2_norm") if "config.method.criterion" in runs else runs["rule_"].isna() & False
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
+    if "config.method.target_kind" in runs:  # L2 at BMRS_N's fraction of the parameters rather than of the units
+        runs.loc[l2 & (runs["config.method.target_kind"] == "params"), "rule_"] = "l2_params"
     return runs, problems
 
 
@@ -74,7 +77,7 @@ def per_run_csv(runs) -> str:
     for _, r in runs.iterrows():
         rule = r["rule_"]
         units, params = col(r, "final.frac_units_removed"), col(r, "final.frac_params_removed")
-        if rule == "l2":
+        if rule in ("l2", "l2_params"):
             units = r["final.units_removed_frac"]
             params = 1 - float(r["final.params_after"]) / float(r["final.params_before"])
         val = col(r, "final.val_acc_best")
@@ -102,7 +105,7 @@ def table(dirs: list[str]) -> str:
             return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
         units, params = ms("final.frac_units_removed"), ms("final.frac_params_removed")
-        if rule == "l2":  # structured one-shot: units and parameters removed by the compaction
+        if rule in ("l2", "l2_params"):  # structured one-shot: units and parameters removed by the compaction
             g = g.assign(u=g["final.units_removed_frac"].astype(float),
                          p=1 - g["final.params_after"].astype(float) / g["final.params_before"].astype(float))
             units, params = ms("u", g), ms("p", g)

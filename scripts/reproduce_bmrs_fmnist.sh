@@ -10,6 +10,8 @@
 #   l2: the same network trained without noise for 50 epochs (the overlay's recipe), then one-shot L2-norm unit
 #       pruning at the fraction of units that BMRS_N removed with that seed, compacted, 10 epochs of fine-tuning
 #       keeping the best-validation epoch (as the paper's L2 column);
+#   l2_params: the same, at the fraction of the parameters that BMRS_N removed (of the folded, compacted
+#       network); for the 1-hidden-layer MLP the two fractions coincide, for LeNet-5 they do not;
 #   none: l2's dense network (the same cached 50 epochs), nothing pruned (sparsity 0), the same 10 epochs of
 #       fine-tuning keeping the best-validation epoch: 50 + 10 epochs like every other arm.
 # Table: python scripts/bmrs_table.py $RUNS/outputs/multirun [--csv runs.csv]  (docs/results/bmrs_fmnist.md).
@@ -18,7 +20,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
 SETTINGS="${SETTINGS:-mlp_fashion_mnist lenet5_fashion_mnist}"
 SEEDS="${SEEDS:-0 1 2}"
-ALL_ARMS="bmrs_n l2 none bmrs_u8 bmrs_u4 snr expected_theta"
+ALL_ARMS="bmrs_n l2 l2_params none bmrs_u8 bmrs_u4 snr expected_theta"
 ARMS="${ARMS:-$ALL_ARMS}"
 PL="${PRUNELAB:-prunelab}"
 PY="${PYTHON:-python}"
@@ -40,10 +42,15 @@ for setting in $SETTINGS; do
         bmrs_u4) $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1 ;;
         none) $PL -m "${common[@]}" seed="$seed" schedule=oneshot "~schedule.epochs" method=random \
                   allocation=uniform prune.sparsity=0 name="bmrs_${setting}_none" || failed=1 ;;
-        l2) frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" <<'PY'
+        l2|l2_params)
+            kind=units; name="bmrs_${setting}_l2"
+            [ "$arm" = l2_params ] && { kind=params; name="bmrs_${setting}_l2p"; }
+            frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" "$kind" <<'PY'
 import json, sys
 from pathlib import Path
-fracs = [json.loads(p.read_text())["final"]["frac_units_removed"] for p in Path(sys.argv[1]).rglob("results.json")
+def removed(f):  # BMRS_N's fraction of units, or of the plain (folded, compacted) network's parameters
+    return f["frac_units_removed"] if sys.argv[3] == "units" else 1 - f["params_after"] / f["params_before"]
+fracs = [removed(r["final"]) for p in Path(sys.argv[1]).rglob("results.json")
          if (r := json.loads(p.read_text()))["config"]["seed"] == int(sys.argv[2])
          and r["final"].get("rule") == "bmrs_n" and r["final"].get("delta_f_n_variant") == "code"]
 print(f"{fracs[-1]:.4f}" if fracs else "")
@@ -51,9 +58,9 @@ PY
 )
             if [ -n "$frac" ]; then
               $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" \
-                  method.target_kind=units "method.amount=$frac" name="bmrs_${setting}_l2" || failed=1
+                  method.target_kind="$kind" "method.amount=$frac" name="$name" || failed=1
             else
-              echo "seed $seed: no bmrs_n result (run the bmrs_n arm first), l2 arm skipped" >&2; failed=1
+              echo "seed $seed: no bmrs_n result (run the bmrs_n arm first), $arm arm skipped" >&2; failed=1
             fi ;;
       esac
     done
