@@ -70,9 +70,13 @@ def _target(runs: pd.DataFrame) -> str:
 
 def _finish(fig: Figure, ax, path: Path) -> Path:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _, labels = ax.get_legend_handles_labels()
+    if len(labels) > 6:  # a long legend goes beside the axes instead of over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
