@@ -32,6 +32,7 @@ from prunelab.report.collect import collect  # noqa: E402
 SETTINGS = ["bmrs_mlp_mnist", "bmrs_mlp_fashion_mnist", "bmrs_mlp_cifar10", "bmrs_lenet5_mnist",
             "bmrs_lenet5_fashion_mnist", "bmrs_lenet5_cifar10", "bmrs_resnet50_cifar10"]
 PAPER_RULES = ["none", "snr", "bmrs_n", "bmrs_u", "bmrs_u4"]
+L2_RULES = ("l2", "l2_params")  # one-shot L2 arms: units and parameters removed are read from the compaction
 PAPER: dict[tuple[str, str], tuple[float | None, float | None]] = {
     (s, r): (None, None) for s in SETTINGS for r in PAPER_RULES
 }
@@ -77,7 +78,7 @@ def per_run_csv(runs) -> str:
     for _, r in runs.iterrows():
         rule = r["rule_"]
         units, params = col(r, "final.frac_units_removed"), col(r, "final.frac_params_removed")
-        if rule in ("l2", "l2_params"):
+        if rule in L2_RULES:
             units = r["final.units_removed_frac"]
             params = 1 - float(r["final.params_after"]) / float(r["final.params_before"])
         val = col(r, "final.val_acc_best")
@@ -105,7 +106,7 @@ def table(dirs: list[str]) -> str:
             return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
         units, params = ms("final.frac_units_removed"), ms("final.frac_params_removed")
-        if rule in ("l2", "l2_params"):  # structured one-shot: units and parameters removed by the compaction
+        if rule in L2_RULES:
             g = g.assign(u=g["final.units_removed_frac"].astype(float),
                          p=1 - g["final.params_after"].astype(float) / g["final.params_before"].astype(float))
             units, params = ms("u", g), ms("p", g)

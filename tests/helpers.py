@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (loaded once per process), for tests of a script's functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Interrupt(pl.Callback):

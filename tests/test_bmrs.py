@@ -32,7 +32,7 @@ from prunelab.pruning.bayes.bmrs import (
     remove_noise,
     unit_param_counts,
 )
-from tests.helpers import check_pruned_beats_random, surplus_units_problem
+from tests.helpers import check_pruned_beats_random, load_script, surplus_units_problem
 
 LA, LB = -20.0, 0.0
 LOG_A_PRIME = -23 * math.log(2.0)
@@ -280,21 +280,9 @@ def test_reparameterised_gradient_matches_closed_form_gradient():
 SAMPLER_CASES = [(-1.0, 0.0), (-3.0, -1.0), (-19.5, 0.0), (0.0, -5.0), (-40.0, -1.0), (5.0, -2.0), (-10.0, 3.0)]
 
 
-def _bench_bmrs_step():
-    """``scripts/bench_bmrs_step.py`` as a module: it holds the reference sampler the benchmark compares against."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_bmrs_step.py"
-    spec = importlib.util.spec_from_file_location("bench_bmrs_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def composed_sample(mu, sigma, u):
     """The sampler written as a composition of differentiable operations (autograd gives its gradient)."""
-    return _bench_bmrs_step().composed_sample_log_theta(mu, sigma, LA, LB, u)
+    return load_script("bench_bmrs_step").composed_sample_log_theta(mu, sigma, LA, LB, u)
 
 
 def _sampler_inputs(mu: float, log_sigma: float, dtype=torch.float64):
@@ -350,7 +338,7 @@ def test_sampler_equals_autograd_through_the_composed_formula(mu, log_sigma):
 
 
 def test_bench_bmrs_step_runs(capsys):
-    _bench_bmrs_step().main(["--batch", "8", "--steps", "2", "--pairs", "2"])
+    load_script("bench_bmrs_step").main(["--batch", "8", "--steps", "2", "--pairs", "2"])
     out = capsys.readouterr().out
     assert "closed_form" in out and "composed" in out and "speed-up (composed / closed form)" in out
 

@@ -24,6 +24,7 @@ from prunelab.pipeline.cache import DenseCacheMismatch, RunDirBusy, debug_mode, 
 from prunelab.pipeline.run import run_pipeline
 from prunelab.utils import io
 from tests.conftest import FULL
+from tests.helpers import load_script
 
 SHARED = ("outputs", "cache", "dense")
 
@@ -270,8 +271,6 @@ def test_second_process_on_a_run_folder_is_refused(make_cfg, tmp_path):
 def test_oracle_script_finds_the_dense_model_the_pipeline_cached(make_cfg, tmp_path):
     """scripts/oracle_correlation_fmnist.py reads the cached dense models: its lookup (through the same
     identity as the pipeline, data fingerprint included) finds the file the pipeline wrote."""
-    import importlib.util
-
     from hydra.utils import instantiate
 
     npz = tmp_path / "d.npz"
@@ -280,10 +279,7 @@ def test_oracle_script_finds_the_dense_model_the_pipeline_cached(make_cfg, tmp_p
                                                              "finetune.epochs=0"]
     cfg = make_cfg(*opts, fast=False, output_dir=tmp_path / "run")
     res = run_pipeline(cfg)
-    spec = importlib.util.spec_from_file_location(
-        "oracle_correlation_fmnist", Path(__file__).resolve().parents[1] / "scripts" / "oracle_correlation_fmnist.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("oracle_correlation_fmnist")
     dm = instantiate(cfg.data)
     found = script.dense_model_file(cfg.paths.cache_dir, cfg, dm)
     assert found == Path(res["stages"]["pretrain"]["dir"]) / "model.pt" and found.is_file()
