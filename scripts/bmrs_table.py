@@ -62,7 +62,20 @@ def labelled(dirs: list[str]):
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
     if "config.method.target_kind" in runs:  # L2 at BMRS_N's fraction of the parameters rather than of the units
         runs.loc[l2 & (runs["config.method.target_kind"] == "params"), "rule_"] = "l2_params"
-    return runs, problems
+    return newest_per_seed(runs), problems
+
+
+def newest_per_seed(runs):
+    """One run per (setting, arm, seed): a config that changed (a new option, another code version) gets a new
+    run folder, and an arm re-run there must not count its seed twice in a mean. The newest results.json wins;
+    the others are named on stderr."""
+    mtime = runs["path"].map(lambda p: (Path(p) / "results.json").stat().st_mtime)
+    runs = runs.assign(_mtime=mtime).sort_values("_mtime", kind="stable")
+    old = runs.duplicated(["setting", "rule_", "variant", "p", "config.seed"], keep="last")
+    if old.any():
+        print(f"bmrs_table: {int(old.sum())} run(s) left out, each superseded by a newer run of the same setting, "
+              "arm and seed: " + ", ".join(runs.loc[old, "path"].astype(str)), file=sys.stderr)
+    return runs[~old].drop(columns="_mtime")
 
 
 def arm_name(rule: str, p) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_dllp import _acc, _decide, _digits_mlp, _l2_same_counts  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.dllp_tasks
+from tests.dllp_tasks import accuracy, decide, digits_mlp, l2_same_counts  # noqa: E402
 
 
 def prior_decision(dl, k: int) -> dict[str, torch.Tensor]:
@@ -51,15 +51,15 @@ def main() -> None:
         rows: dict[str, list[float]] = {}
         shifts: dict[str, list[float]] = {}
         for seed in args.seeds:
-            net, train, test = _digits_mlp(seed)
-            rows.setdefault("dense", []).append(_acc(net, test))
+            net, train, test = digits_mlp(seed)
+            rows.setdefault("dense", []).append(accuracy(net, test))
             for prior in args.priors:
-                keep, dl = _decide(net, train, seed, s, steps=args.steps, importance=prior)
+                keep, dl = decide(net, train, seed, s, steps=args.steps, importance=prior)
                 k = sum(int(v.sum()) for v in keep.values())
-                rows.setdefault(f"dllp[{prior}]", []).append(_acc(dl.pruned_model(keep=keep), test))
-                rows.setdefault(f"prior[{prior}]", []).append(_acc(dl.pruned_model(keep=prior_decision(dl, k)), test))
+                rows.setdefault(f"dllp[{prior}]", []).append(accuracy(dl.pruned_model(keep=keep), test))
+                rows.setdefault(f"prior[{prior}]", []).append(accuracy(dl.pruned_model(keep=prior_decision(dl, k)), test))
                 if prior == args.priors[0]:
-                    rows.setdefault("l2", []).append(_acc(_l2_same_counts(net, {n: int(v.sum()) for n, v in keep.items()}), test))
+                    rows.setdefault("l2", []).append(accuracy(l2_same_counts(net, {n: int(v.sum()) for n, v in keep.items()}), test))
                     sh = dl.posterior_shift(keep)
                     for key in ("mean_abs_diff", "mode_flip_fraction", "particle_flip_fraction",
                                 "decision_vs_prior_fraction", "js"):

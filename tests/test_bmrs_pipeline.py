@@ -192,6 +192,37 @@ def test_fold_and_compact_equal_the_masked_model(name, shape):
     assert any(bool((free.get_parameter(n)[~m] != 0).any()) for n, m in left.items())
 
 
+def test_fold_and_compact_after_sigmoid_and_gelu():
+    """Noise after any activation: Sigmoid and GELU (not positively homogeneous, like Tanh) fold into the readers'
+    columns, and the folded and the compacted networks equal the noisy one in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.Sigmoid(), nn.Linear(16, 12), nn.GELU(),
+                          nn.Linear(12, 5))
+    noises = B.insert_noise(model)
+    assert sorted(n.attached_to for n in noises.values()) == ["2", "4"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in noises.values():
+            n.mu.copy_(torch.empty(n.units).uniform_(-21, 0, generator=g))
+            n.log_sigma.copy_(torch.empty(n.units).uniform_(-3, 1, generator=g))
+    masks = B.BMRSPruner(noises, "bmrs_n").update_masks()
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert 0 < pruned < 28
+    model.eval()
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        expected = model(x)
+    B.remove_noise(model)
+    sites = noise_sites(model, noises)
+    assert {v["into"] for v in sites.values()} == {"columns"}
+    fold_noise(model, noises, sites, x[:2])
+    small, left, info = compact_folded(model, masks, noises, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small.eval()(x), expected, atol=1e-5, rtol=1e-5)
+    assert info["units_removed_physically"] == pruned and left is None
+
+
 def test_folding_a_tanh_noise_into_the_producer_would_be_wrong():
     """The seam the columns fold exists for: scaling the rows before a Tanh changes the function (so the test
     above would fail with the ReLU rule), scaling the readers' columns does not."""

@@ -22,6 +22,7 @@ from prunelab.pruning.bayes.dllp import (
     unit_importance,
 )
 from prunelab.pruning.bayes.svgd import svgd_direction_blocks
+from tests.dllp_tasks import accuracy, decide, digits_mlp, l2_same_counts, mlp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,15 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _mlp(widths=(5, 12, 6, 3)) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def _convnet() -> nn.Sequential:
@@ -75,7 +67,7 @@ def test_gate_sites_skip_output_and_pair_batchnorm() -> None:
     assert [(s.name, s.bn_name, s.units) for s in sites] == [("0", "1", 8), ("3", None, 6), ("6", "7", 12)]
     assert [s.hook_name for s in sites] == ["1", "3", "7"]
     assert [s.name for s in find_gate_sites(_convnet(), exclude=["3"])] == ["0", "6"]
-    w = find_gate_sites(_mlp(), granularity="weight")
+    w = find_gate_sites(mlp(), granularity="weight")
     assert [s.units for s in w] == [12 * 5, 6 * 12]
     with pytest.raises(ValueError):
         find_gate_sites(_convnet(), granularity="weight")
@@ -101,7 +93,7 @@ def test_prior_samples_have_keep_fraction_pi() -> None:
 
 def test_prior_keep_prob_calibration_and_target_density() -> None:
     torch.manual_seed(0)
-    net = _mlp((5, 12, 6, 3))
+    net = mlp((5, 12, 6, 3))
     with torch.no_grad():
         net[0].weight[3] *= 1e-3  # one tiny unit
     pi = prior_keep_prob(net, "l2")
@@ -193,7 +185,7 @@ def test_batched_forward_residual_net_from_registry(mode: str) -> None:
 
 def test_batched_forward_weight_granularity_and_plain_model() -> None:
     torch.manual_seed(0)
-    net = _mlp().double()
+    net = mlp().double()
     x = torch.randn(9, 5, dtype=torch.float64)
     plain = net(x)
     dm = attach_gates(net, granularity="weight", n_particles=3, init="normal", init_std=2.0)
@@ -247,7 +239,7 @@ def _toy_batch(n: int = 16, d: int = 5, c: int = 3, seed: int = 0) -> tuple[torc
 
 def test_svgd_step_equals_manual_per_particle_gradients() -> None:
     torch.manual_seed(0)
-    net = _mlp().double()
+    net = mlp().double()
     dm = attach_gates(net, n_particles=4, generator=torch.Generator().manual_seed(0))
     dl = DLLP(dm, n_train=100)
     dl.set_progress(0.3)
@@ -275,7 +267,7 @@ def test_svgd_step_equals_manual_per_particle_gradients() -> None:
 
 def test_single_particle_step_is_gradient_ascent() -> None:
     torch.manual_seed(1)
-    dm = attach_gates(_mlp().double(), n_particles=1)
+    dm = attach_gates(mlp().double(), n_particles=1)
     dl = DLLP(dm, n_train=50)
     x, y = _toy_batch()
     logits = dm(x.double())
@@ -288,7 +280,7 @@ def test_single_particle_step_is_gradient_ascent() -> None:
 
 def test_backward_gives_weight_and_particle_gradients_without_mixing() -> None:
     torch.manual_seed(2)
-    dm = attach_gates(_mlp().double(), n_particles=3)
+    dm = attach_gates(mlp().double(), n_particles=3)
     dl = DLLP(dm, n_train=50)
     x, y = _toy_batch()
     logits = dm(x.double())
@@ -309,11 +301,11 @@ def test_backward_gives_weight_and_particle_gradients_without_mixing() -> None:
 
 
 def test_tau_schedule() -> None:
-    dl = DLLP(attach_gates(_mlp(), n_particles=2))
+    dl = DLLP(attach_gates(mlp(), n_particles=2))
     assert dl.set_progress(0.0) == pytest.approx(1.0)
     assert dl.set_progress(1.0) == pytest.approx(0.1)
     assert dl.set_progress(0.5) == pytest.approx(math.sqrt(0.1))  # geometric
-    lin = DLLP(attach_gates(_mlp(), n_particles=2), tau_schedule="linear")
+    lin = DLLP(attach_gates(mlp(), n_particles=2), tau_schedule="linear")
     assert lin.set_progress(0.5) == pytest.approx(0.55)
     assert lin.model.tau == pytest.approx(0.55)
 
@@ -324,7 +316,7 @@ def test_prior_only_rho_approaches_pi() -> None:
     rho with M = 200 is <= 0.035; we require mean |rho - pi| < 0.06 and max < 0.15 (measured 0.032-0.037 and
     0.07-0.09 over seeds), against a starting error of mean |0.5 - pi|."""
     torch.manual_seed(0)
-    net = _mlp((5, 12, 6, 3))
+    net = mlp((5, 12, 6, 3))
     dm = attach_gates(
         net, n_particles=200, init="normal", init_std=0.2, generator=torch.Generator().manual_seed(0)
     )
@@ -379,15 +371,10 @@ def _necessary_unit_task(seed: int) -> tuple[nn.Sequential, tuple, tuple]:
     return net, train, test
 
 
-def _acc(net: nn.Module, data: tuple) -> float:
-    with torch.no_grad():
-        return (net(data[0]).argmax(-1) == data[1]).float().mean().item()
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_small_but_necessary_unit_is_kept(seed: int) -> None:
     net, train, test = _necessary_unit_task(seed)
-    dense = _acc(net, test)
+    dense = accuracy(net, test)
     assert dense > 0.95
     norms = net[0].weight.detach().norm(dim=1)
     assert int(norms.argmin()) == 0  # magnitude sees unit 0 as the least important
@@ -415,7 +402,7 @@ def test_small_but_necessary_unit_is_kept(seed: int) -> None:
         mag[0].weight.mul_(keep_mag[:, None])
         mag[0].bias.mul_(keep_mag)
     assert not keep_mag[0]
-    acc_mag, acc_dllp = _acc(mag, test), _acc(dl.pruned_model(), test)
+    acc_mag, acc_dllp = accuracy(mag, test), accuracy(dl.pruned_model(), test)
     assert acc_mag < 0.7
     assert acc_dllp > acc_mag + 0.2
 
@@ -433,7 +420,7 @@ def test_ensemble_ece_no_worse_than_single_particles() -> None:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     train, test = _blobs(300, g), _blobs(2000, g)
-    net = _mlp((2, 64, 64, 3))
+    net = mlp((2, 64, 64, 3))
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     for _ in range(300):  # overfit a little: over-confident single networks
         opt.zero_grad()
@@ -461,7 +448,7 @@ def _mean_particle_nll(dl: DLLP, data: tuple) -> float:
 
 def test_reliability_report_fields() -> None:
     torch.manual_seed(0)
-    net = _mlp((5, 10, 3))
+    net = mlp((5, 10, 3))
     dm = attach_gates(net, n_particles=5)
     dl = DLLP(dm)
     with torch.no_grad():
@@ -545,24 +532,6 @@ def test_agreement() -> None:
 # --------------------------------------------------------------------------------------------------------
 # decisions from the posterior over which units the data needs (issue #14)
 # --------------------------------------------------------------------------------------------------------
-def _decide(net: nn.Module, train: tuple, seed: int, sparsity: float, steps: int = 150, importance: str = "taylor"):
-    """DLLP with the method's defaults (function prior, W frozen, unit-budget tilt, Adam lr 0.1 on the particles,
-    decision=target) on a deep copy of ``net``: ``(unit masks, controller)``."""
-    net = copy.deepcopy(net)
-    gen = torch.Generator().manual_seed(seed)
-    n, b = len(train[1]), 128
-    batches = [(train[0][i * b : (i + 1) * b], train[1][i * b : (i + 1) * b]) for i in range(4)]
-    dm = attach_gates(net, importance=importance, n_particles=10, target_density=1 - sparsity, generator=gen,
-                      data=batches)
-    dl = DLLP(dm, n_train=n, density=1 - sparsity, dual_lr=0.5)
-    opt = dl.particle_optimizer(lr=0.1)
-    for s in range(steps):
-        dl.set_progress(s / steps)
-        idx = torch.randint(0, n, (b,), generator=gen)
-        dl.train_step(train[0][idx], train[1][idx], opt)
-    return dl.unit_masks(target_sparsity=sparsity), dl
-
-
 def _rescale_unit(net: nn.Sequential, layer: int, unit: int, c: float) -> nn.Sequential:
     """Copy of ``net`` with ReLU unit ``unit`` of ``net[layer]`` rescaled: incoming row and bias x c, outgoing
     column (``net[layer + 2]``) x 1/c -- the same function."""
@@ -584,8 +553,8 @@ def test_decisions_invariant_to_function_preserving_rescaling() -> None:
         twin = _rescale_unit(_rescale_unit(net, 0, 0, 100.0), 0, 5, 0.05)
         with torch.no_grad():
             assert torch.allclose(net(test[0].double()), twin(test[0].double()), atol=1e-9)
-        ka, da = _decide(net, train, seed, 0.5)
-        kb, db = _decide(twin, train, seed, 0.5)
+        ka, da = decide(net, train, seed, 0.5)
+        kb, db = decide(twin, train, seed, 0.5)
         assert torch.equal(ka["0"], kb["0"]), seed
         assert torch.allclose(da.model.prior()["0"], db.model.prior()["0"], atol=1e-6)
         # the magnitude prior is not invariant: it sees unit 0 at the floor in one net and not in the other
@@ -599,45 +568,12 @@ def test_small_but_necessary_unit_kept_in_nine_of_ten_seeds() -> None:
     for seed in range(10):
         net, train, _ = _necessary_unit_task(seed)
         assert int(net[0].weight.detach().norm(dim=1).argmin()) == 0  # smallest incoming norm
-        keep, dl = _decide(net, train, seed, 0.5)
+        keep, dl = decide(net, train, seed, 0.5)
         assert int(keep["0"].sum()) == 4  # decision=target meets the sparsity exactly
         kept += int(keep["0"][0])
         flips.append(dl.posterior_shift(keep)["particle_flip_fraction"])
     assert kept >= 9
     assert sum(flips) / len(flips) > 0.02
-
-
-def _digits_mlp(seed: int):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
-    torch.manual_seed(seed)
-    net = _mlp((64, 48, 32, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(600):
-        idx = torch.randint(0, 1400, (64,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(train[0][idx]), train[1][idx]).backward()
-        opt.step()
-    return net, train, test
-
-
-def _l2_same_counts(net: nn.Module, counts: dict[str, int]) -> nn.Module:
-    """One-shot L2 unit pruning keeping, in each named Linear layer, the ``counts[name]`` units of largest
-    incoming-weight norm (rows and biases of the others zeroed)."""
-    out = copy.deepcopy(net)
-    with torch.no_grad():
-        for name, k in counts.items():
-            layer = out.get_submodule(name)
-            mask = torch.zeros(layer.out_features, dtype=torch.bool)
-            mask[layer.weight.norm(dim=1).argsort(descending=True)[:k]] = True
-            layer.weight.mul_(mask[:, None])
-            layer.bias.mul_(mask)
-    return out
 
 
 def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
@@ -646,12 +582,12 @@ def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
     (measured over seeds 0-2: 0.50-0.68 vs 0.35-0.40; required: better on average by 0.05 and in 2 of 3 seeds)."""
     wins, gap = 0, 0.0
     for seed in range(3):
-        net, train, test = _digits_mlp(seed)
-        keep, dl = _decide(net, train, seed, 0.7, steps=300)
+        net, train, test = digits_mlp(seed)
+        keep, dl = decide(net, train, seed, 0.7, steps=300)
         counts = {n: int(k.sum()) for n, k in keep.items()}
         assert sum(counts.values()) == round(0.3 * 80)
-        l2 = _l2_same_counts(net, counts)
-        a_dllp, a_l2 = _acc(dl.pruned_model(keep=keep), test), _acc(l2, test)
+        l2 = l2_same_counts(net, counts)
+        a_dllp, a_l2 = accuracy(dl.pruned_model(keep=keep), test), accuracy(l2, test)
         wins += a_dllp > a_l2
         gap += (a_dllp - a_l2) / 3
     assert wins >= 2 and gap > 0.05
@@ -659,7 +595,7 @@ def test_deployed_accuracy_beats_one_shot_l2_at_equal_unit_sparsity() -> None:
 
 def test_posterior_shift_report() -> None:
     """Property 4: the shift from the prior, by hand: pi = 0.8 for two units and 0.2 for two."""
-    net = _mlp((5, 4, 3))
+    net = mlp((5, 4, 3))
     dm = attach_gates(net, n_particles=4, generator=torch.Generator().manual_seed(0))
     dl = DLLP(dm)
     pi = torch.tensor([0.8, 0.8, 0.2, 0.2])

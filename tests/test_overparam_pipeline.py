@@ -123,12 +123,12 @@ def test_overlays_exist():
 def test_overlay_composes_and_every_sweep_arm_instantiates(overlay, tmp_path):
     params = _compose_with_hydra([f"experiment={overlay}"]).hydra.sweeper.params
     arms = [a.strip() for a in str(params["finetune"]).split(",")]
-    assert arms == ["vanilla", "overparam", "overparam_spkd"]
+    assert arms == ["vanilla", "overparam", "overparam_spkd_last"]  # SP-KD on one feature, as the reference
     ratios = [float(a) for a in str(params["method.amount"]).split(",")]
     assert len(ratios) >= 2 and all(0 < r < 1 for r in ratios)
     expected = {"vanilla": "prunelab.finetune.base.Finetune",
                 "overparam": "prunelab.finetune.overparam_strategy.OverParam",
-                "overparam_spkd": "prunelab.finetune.overparam_strategy.OverParamSPKD"}
+                "overparam_spkd_last": "prunelab.finetune.overparam_strategy.OverParamSPKD"}
     recipes = set()
     for arm in arms:
         for ratio in (ratios[0], ratios[-1]):
@@ -138,6 +138,7 @@ def test_overlay_composes_and_every_sweep_arm_instantiates(overlay, tmp_path):
             cfg = compose_config(tmp_path, over)
             validate(cfg)  # option names/values of every group, as the CLI checks them before training
             assert cfg.finetune._target_ == expected[arm]
+            assert arm != "overparam_spkd_last" or cfg.finetune.positions == "last"
             assert cfg.schedule._target_.endswith("OneShot")
             assert cfg.method.criterion == "l2_norm" and cfg.method.target_kind == "flops"
             assert cfg.method.amount == ratio

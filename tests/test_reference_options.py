@@ -274,3 +274,36 @@ def test_bmrs_overlays_select_the_papers_settings(setting, make_cfg):
         assert cfg.model.name == "lenet5" and (*cfg.model.channels, *cfg.model.fc) == hidden
     else:
         assert cfg.model.name == "mlp" and list(cfg.model.hidden) == hidden and cfg.model.activation == "tanh"
+
+
+def test_bmrs_rules_use_the_app_c_constants():
+    """The rules' constants are App. C's: BMRS_N with sigma~^2 = 1e-12, BMRS_U with [2^-23, 2^-p], SNR pruned at
+    or below 1, E[theta] at or below 0.1 (each decision checked on both sides of its threshold)."""
+    import math
+
+    from prunelab.pruning.bayes import lognormal as ln
+    from prunelab.pruning.bayes.bmrs import LogNormalNoise, delta_f_n, delta_f_u, prune_scores
+
+    noise = LogNormalNoise(400, log_a=-20.0, log_b=0.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        noise.mu.copy_(torch.linspace(-8.0, 1.0, 400))
+        noise.log_sigma.copy_(torch.empty(400).uniform_(-3.0, 1.0, generator=gen))
+    mu, sigma = noise.posterior64()
+    e, snr = ln.expected_theta(mu, sigma, -20.0, 0.0), ln.snr(mu, sigma, -20.0, 0.0)
+    assert ((e < 0.1).any() and (e > 0.1).any()) and ((snr < 1).any() and (snr > 1).any())
+    assert torch.equal(prune_scores(noise, "expected_theta") >= 0, e <= 0.1)
+    assert torch.equal(prune_scores(noise, "snr") >= 0, snr <= 1)
+    torch.testing.assert_close(prune_scores(noise, "bmrs_n"), delta_f_n(mu, sigma, -20.0, 0.0, var_p=1e-12, variant="code"))
+    assert not torch.allclose(prune_scores(noise, "bmrs_n"), delta_f_n(mu, sigma, -20.0, 0.0, var_p=1e-6, variant="code"))
+    for p in (8, 4):
+        torch.testing.assert_close(prune_scores(noise, "bmrs_u", p=p),
+                                   delta_f_u(mu, sigma, -20.0, 0.0, p=p, log_a_prime=-23 * math.log(2.0)))
+
+
+@pytest.mark.parametrize("net", ["lenet_mnist", "lenet_fashion_mnist", "vgg19_cifar100", "resnet18_tiny"])
+def test_connectivity_overlays_compute_synflow_as_the_papers_code(net, make_cfg):
+    cfg = make_cfg(f"experiment=connectivity_{net}", fast=False)
+    assert cfg.method._target_.endswith("SynFlowScorer")
+    assert (cfg.method.linearize, cfg.method.count_rule) == ("linear", "floor")
+    assert (make_cfg("method=synflow").method.linearize, make_cfg("method=synflow").method.count_rule) == ("abs", "round")

@@ -40,3 +40,32 @@ def test_connectivity_fmnist_refuses_an_unknown_group_before_running(tmp_path: P
     assert out.returncode == 2
     assert "unknown group 'snipp'; allowed: random saliency imp synflow lamp" in out.stderr
     assert not runs.exists()
+
+
+def test_bmrs_table_counts_each_seed_once(tmp_path: Path, capsys):
+    """A run repeated under a new run folder (its config gained an option, say) is not averaged in twice: the
+    newest results.json of a (setting, arm, seed) is kept, the older ones are named on stderr."""
+    import json
+
+    from tests.helpers import load_script
+
+    def run(folder: str, seed: int, acc: float, mtime: float, l2: bool = False) -> None:
+        job = tmp_path / folder
+        job.mkdir()
+        method = {"criterion": "l2_norm", "target_kind": "units"} if l2 else {"p": 8}
+        final = ({"units_removed_frac": 0.5, "params_after": 50, "params_before": 100} if l2
+                 else {"rule": "bmrs_n", "delta_f_n_variant": "code"})
+        doc = {"config": {"name": "bmrs_mlp" + ("_l2" if l2 else ""), "seed": seed, "method": method},
+               "final": {**final, "test_acc": acc}, "run_id": folder}
+        (job / "results.json").write_text(json.dumps(doc))
+        os.utime(job / "results.json", (mtime, mtime))
+
+    run("a", 0, 0.50, 1000)
+    run("b", 0, 0.80, 2000)  # the same arm and seed, newer
+    run("c", 1, 0.70, 1500)
+    run("d", 0, 0.30, 3000, l2=True)
+    run("e", 0, 0.40, 1000, l2=True)
+    runs, _ = load_script("bmrs_table").labelled([str(tmp_path)])
+    assert sorted(runs["run_id"]) == ["b", "c", "d"]
+    assert "2 run(s) left out" in capsys.readouterr().err
+    assert "| bmrs_mlp | bmrs_n (code) | 2 | 75.0 ± 7.1 |" in load_script("bmrs_table").table([str(tmp_path)])

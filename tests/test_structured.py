@@ -92,6 +92,97 @@ def test_residual_group_shares_one_gate():
     torch.testing.assert_close(gates.z[g.id].grad, expected, atol=1e-6, rtol=1e-4)
 
 
+def _stage_gate_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Molchanov et al.'s code's ResNet gating, written out: one gate vector per stage (``gate_skip*``), a
+    module shared by the stage's blocks, multiplying each block's output after add+ReLU. Returns dL/dg per
+    stage (g = 1), i.e. sum over the stage's blocks of sum_{n,h,w} dL/dy * y."""
+    gates, handles = {}, []
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        if not hasattr(model, stage):
+            continue
+        blocks = list(model.get_submodule(stage))
+        last_bn = blocks[-1].bn3 if hasattr(blocks[-1], "bn3") else blocks[-1].bn2
+        g = torch.ones(last_bn.num_features, requires_grad=True)
+        gates[stage] = g
+        handles += [b.register_forward_hook(lambda m, i, o, g=g: o * g.view(1, -1, 1, 1)) for b in blocks]
+    try:
+        F.cross_entropy(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: g.grad for k, g in gates.items()}
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet20"])
+def test_block_output_gates_are_the_reference_stage_gates(arch):
+    """method.residual_gates=block_output: a residual group's gate multiplies the output of every block of its
+    stage (after add+ReLU), dL/dz equals the reference code's stage-gate gradient, the stem's group is gone, the
+    per-BN gates inside the blocks are unchanged; the default gates (before the addition) read another gradient."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if arch == "resnet50" else (3, 16, 16)
+    model = build_model(arch, shape, 4)
+    x, y = torch.randn(4, *shape), torch.randint(0, 4, (4,))
+    model.train()
+    ref = _stage_gate_grads(model, x, y)
+    model.zero_grad()
+    default = StructuredPruner(model, x[:1], "taylor_fo")
+    pruner = StructuredPruner(model, x[:1], "taylor_fo", groups=default.groups, residual_gates="block_output")
+    default.remove_gates()
+    assert "conv1" in {g.id for g in default.groups} and "conv1" not in {g.id for g in pruner.groups}
+    residual = {g.id: g for g in pruner.groups if len(g.gates) > 1}
+    assert len(residual) == len(ref) - (arch == "resnet20")  # resnet20's first stage is coupled with the stem
+    inner = {g.id: g.gates for g in default.groups if len(g.gates) == 1 and g.id != "conv1"}
+    assert inner == {g.id: g.gates for g in pruner.groups if len(g.gates) == 1}
+    F.cross_entropy(model(x), y).backward()
+    for g in residual.values():
+        stage = g.gates[0].name.split(".")[0]
+        assert [s.name for s in g.gates] == [f"{stage}.{i}" for i in range(len(model.get_submodule(stage)))]
+        torch.testing.assert_close(pruner.gates.z[g.id].grad, ref[stage], atol=1e-5, rtol=1e-4)
+    pruner.remove_gates()
+    model.zero_grad()
+    default.gates.install()
+    F.cross_entropy(model(x), y).backward()
+    g = next(iter(residual.values()))
+    assert not torch.allclose(default.gates.z[g.id].grad, ref[g.gates[0].name.split(".")[0]], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
+def test_block_output_masked_network_equals_the_compacted_one(arch):
+    """Masks through block-output gates give the same function as the compacted network (a channel zeroed
+    after every block of its stage is zero wherever it is read)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = build_model(arch, (3, 32, 32), 10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    pruner = StructuredPruner(model, x[:1], "taylor_fo", residual_gates="block_output")
+    masks = {g.id: torch.rand(g.num_units, generator=gen) < 0.6 for g in pruner.groups}
+    for m in masks.values():
+        m[0] = True
+    pruner.gates.set_masks(masks)
+    with torch.no_grad():
+        y_masked = model(x)
+        small = pruner.compact().eval()
+        torch.testing.assert_close(small(x), y_masked, atol=1e-5, rtol=1e-5)
+        pruner.remove_gates()
+        assert (model(x) - y_masked).abs().max() > 1e-3
+    assert small.conv1.out_channels == model.conv1.out_channels  # the stem is never pruned
+
+
+def test_residual_gates_errors_name_the_option():
+    from prunelab.pruning.structured.method import StructuredMethod
+
+    with pytest.raises(ValueError, match=r"method.residual_gates='stage'.*producers, block_output"):
+        StructuredMethod(residual_gates="stage")
+    model = build_model("lenet5", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="residual_gates=block_output.*no residual-coupled"):
+        StructuredPruner(model, torch.zeros(1, 1, 28, 28), residual_gates="block_output")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # exactness of the Taylor expansions
 # ---------------------------------------------------------------------------------------------------------

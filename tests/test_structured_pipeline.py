@@ -90,6 +90,7 @@ def test_other_criteria_run_oneshot(make_cfg, criterion):
     (["method=taylor_fo", "method.target_kind=filters"], "method.target_kind='filters'; allowed values"),
     (["method=taylor_fo", "method.amount=1.5"], "method.amount=1.5"),
     (["method=taylor_fo", "method.criterion=taylor_xx"], "allowed values: taylor_fo"),
+    (["method=taylor_fo", "method.residual_gates=stage"], "method.residual_gates='stage'; allowed values: producers"),
     (["method=taylor_fo", "schedule=iterative_structured", "schedule.recipe=x"], "schedule.recipe='x'"),
 ])
 def test_bad_structured_options_fail_before_training(make_cfg, tmp_path, overrides, message):
@@ -130,6 +131,18 @@ def test_taylor_resnet50_overlay_composes(make_cfg):
     assert cfg.schedule.frequency == 30 and cfg.schedule.k == 100 and cfg.pretrain.epochs == 0
     assert cfg.data.image_size == 224 and cfg.model.name == "resnet50"
     assert cfg.finetune.optimizer.lr == 0.001 and cfg.finetune.optimizer.weight_decay == 0.0
+    assert cfg.method.residual_gates == "block_output"  # the reference code's gates (prunelab's default below)
+    assert make_cfg("method=taylor_fo").method.residual_gates == "producers"
+
+
+def test_block_output_gates_run_oneshot_and_keep_the_stem(make_cfg, tmp_path):
+    cfg = make_cfg("model=resnet20", "method=taylor_fo", "schedule=oneshot", "method.amount=0.3",
+                   "method.target_kind=units", "method.residual_gates=block_output", *MEASURE)
+    res = run_pipeline(cfg)
+    assert res["stages"]["prune"]["method"]["units_removed"] > 0
+    model = torch.load(cfg.paths.output_dir + "/model_compact.pt", weights_only=False)
+    assert model.conv1.out_channels == 16 and model.layer1[0].conv2.out_channels == 16  # stem (+ stage 1) kept
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_model_weights_option(tmp_path):

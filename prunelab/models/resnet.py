@@ -36,16 +36,21 @@ def _torchvision_resnet(arch: str, input_shape, num_classes, stem: str = "auto")
 
 @register_model
 def resnet18(input_shape, num_classes, stem: str = "auto") -> nn.Module:
+    """He et al. 2016 (torchvision's ResNet-18); Connectivity Matters' Tiny-ImageNet network and DLLP's
+    CIFAR-10 one (``stem`` above)."""
     return _torchvision_resnet("resnet18", input_shape, num_classes, stem)
 
 
 @register_model
 def resnet34(input_shape, num_classes, stem: str = "auto") -> nn.Module:
+    """He et al. 2016 (torchvision's ResNet-34)."""
     return _torchvision_resnet("resnet34", input_shape, num_classes, stem)
 
 
 @register_model
 def resnet50(input_shape, num_classes, stem: str = "auto") -> nn.Module:
+    """He et al. 2016 (torchvision's ResNet-50, bottleneck blocks): Molchanov et al.'s ImageNet network (Taylor),
+    BMRS's, DLLP's and the over-parameterization paper's ResNet-50."""
     return _torchvision_resnet("resnet50", input_shape, num_classes, stem)
 
 
@@ -95,9 +100,13 @@ class CifarResNet(nn.Module):
 
 @register_model
 def resnet20(input_shape, num_classes, width: int = 16) -> nn.Module:
+    """He et al. 2016, Sec. 4.2: the CIFAR ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels), with
+    projection shortcuts (option B)."""
     return CifarResNet(20, input_shape, num_classes, width)
 
 
 @register_model
 def resnet56(input_shape, num_classes, width: int = 16) -> nn.Module:
+    """He et al. 2016, Sec. 4.2: the CIFAR ResNet-56 (3 stages of 9 basic blocks), with projection shortcuts
+    (option B): the over-parameterization paper's (Qian et al.) and DLLP's (Wang et al.) CIFAR-10 network."""
     return CifarResNet(56, input_shape, num_classes, width)

@@ -26,6 +26,7 @@ from torch import nn
 from prunelab.pruning.method import Finished, TrainingMethod, check_choice
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.structured.pruner import TARGET_KINDS, PruneSchedule, StructuredPruner, removed_counts
+from prunelab.pruning.units.groups import RESIDUAL_GATES
 from prunelab.training.hooks import TrainHook, masks_checksum
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class StructuredMethod(TrainingMethod):
 
     def __init__(self, criterion: str = "taylor_fo", amount: float = 0.5, target_kind: str = "flops",
                  ema: float = 0.9, normalize: str | None = None, hessian: str = "exact", samples: int = 1,
-                 min_units: int = 1, seed: int = 0):
+                 min_units: int = 1, seed: int = 0, residual_gates: str = "producers"):
         self.criterion = C.check_criterion(criterion)
         self.name = criterion
         check_choice("method.target_kind", target_kind, TARGET_KINDS)
@@ -109,9 +110,10 @@ class StructuredMethod(TrainingMethod):
             raise ValueError(f"method.ema={ema} must be in [0, 1)")
         check_choice("method.normalize", normalize, (None, *C.NORMALIZATIONS))
         check_choice("method.hessian", hessian, ("exact", "hutchinson"))
+        check_choice("method.residual_gates", residual_gates, RESIDUAL_GATES)
         self.amount, self.target_kind = amount, target_kind
         self.ema, self.normalize, self.hessian, self.samples = float(ema), normalize, hessian, int(samples)
-        self.min_units, self.seed = int(min_units), int(seed)
+        self.min_units, self.seed, self.residual_gates = int(min_units), int(seed), residual_gates
 
     def target(self) -> tuple[float | None, str]:
         return self.amount, f"structured_{self.target_kind}"
@@ -125,7 +127,8 @@ class StructuredMethod(TrainingMethod):
         schedule = PruneSchedule(frequency=int(frequency), k=int(k), target=self.amount, target_kind=self.target_kind)
         return StructuredPruner(model, example, self.criterion, ema=self.ema, normalize=self.normalize,
                                 schedule=schedule, loss_fn=F.cross_entropy, hessian=self.hessian,
-                                samples=self.samples, min_units=self.min_units, seed=self.seed)
+                                samples=self.samples, min_units=self.min_units, seed=self.seed,
+                                residual_gates=self.residual_gates)
 
     def attach(self, ctx, model: nn.Module, schedule: Any) -> tuple[nn.Module, TrainHook]:
         return model, StructuredHook(self.pruner(ctx, model, schedule.frequency, schedule.k))

@@ -27,7 +27,14 @@ from torch import nn
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.units.compact import CostModel, compact
 from prunelab.pruning.units.gates import Gates
-from prunelab.pruning.units.groups import ChannelGroup, build_groups, param_masks, pruned_member_indices
+from prunelab.pruning.units.groups import (
+    RESIDUAL_GATES,
+    ChannelGroup,
+    block_output_gates,
+    build_groups,
+    param_masks,
+    pruned_member_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +81,10 @@ class StructuredPruner:
 
     ``ema``: momentum of the moving average of interval scores across pruning steps; ``normalize``: per-group
     normalisation (``none``/``l2``/``mean``) applied before the global ranking; ``loss_fn`` is used by
-    :meth:`accumulate_batch` / :meth:`one_shot`; ``hessian``/``samples`` by ``taylor_so``.
+    :meth:`accumulate_batch` / :meth:`one_shot`; ``hessian``/``samples`` by ``taylor_so``; ``residual_gates``:
+    ``producers`` (gate every producer of a residual channel before the addition) or ``block_output`` (Molchanov
+    et al.'s code: each block's output, one gate per stage, the stem never pruned; see
+    :func:`~prunelab.pruning.units.groups.block_output_gates`).
     """
 
     def __init__(
@@ -92,7 +102,10 @@ class StructuredPruner:
         ignored_layers: Sequence[nn.Module] | None = None,
         min_units: int = 1,
         seed: int = 0,
+        residual_gates: str = "producers",
     ):
+        if residual_gates not in RESIDUAL_GATES:
+            raise ValueError(f"method.residual_gates must be one of {RESIDUAL_GATES}, got {residual_gates!r}")
         self.model = model
         self.example_input = example_input
         self.criterion = C.check_criterion(criterion)
@@ -104,6 +117,8 @@ class StructuredPruner:
         self.hessian, self.samples = hessian, samples
         self.min_units = max(1, int(min_units))
         self.groups = list(groups) if groups is not None else build_groups(model, example_input, ignored_layers)
+        if residual_gates == "block_output":
+            self.groups = block_output_gates(model, self.groups, example_input)
         self.gates = Gates(model, self.groups)
         self.cost = CostModel(model, self.groups, tuple(example_input.shape[1:]))
         self.acc = C.ScoreAccumulator(ema)

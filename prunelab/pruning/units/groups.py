@@ -28,6 +28,7 @@ from prunelab.pruning.units.layers import BN_TYPES, NORM_TYPES, UNIT_TYPES, chan
 
 logger = logging.getLogger(__name__)
 
+RESIDUAL_GATES = ("producers", "block_output")
 
 
 @dataclass(frozen=True)
@@ -272,4 +273,68 @@ def removable_group_masks(
             if removable.all():
                 removable[0] = False
             out[g.id] = ~removable
+    return out
+
+
+def _block_of(model: nn.Module, name: str) -> str:
+    """The residual block a layer belongs to: its nearest ancestor that is not an ``nn.Sequential`` (a stage,
+    a downsample/shortcut branch); ``""`` when that is the model itself (the stem, a plain layer)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        ancestor = ".".join(parts[:i])
+        if not isinstance(model.get_submodule(ancestor), nn.Sequential):
+            return ancestor
+    return ""
+
+
+def block_output_gates(model: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor) -> list[ChannelGroup]:
+    """Residual channels gated as Molchanov et al.'s code gates ResNets (``method.residual_gates=block_output``).
+
+    Their ``models/resnet.py`` multiplies every block's output, after the addition and the ReLU, by the gate of
+    its stage (``gate_skip64`` ... ``gate_skip512``, one module shared by the blocks of a stage), keeps per-BN
+    gates inside the blocks, and has no gate on the stem. prunelab's default (``producers``) gates each BN that
+    writes a residual channel, before the addition, with the group's shared gate, and treats the stem like any
+    other layer. The units are the same (a residual group is the channel in every block of its stage) and so is
+    any masked network (a channel zeroed after every block of its stage is zero wherever it is read, as when
+    every producer is zeroed); what differs is where ``dL/dz`` is read, hence the Taylor scores.
+
+    Returns the groups with: every group gated at more than one site (residual coupling) gated instead at the
+    output of each block containing one of its producers; every group with a producer outside any block (the
+    stem, and in basic-block ResNets the first stage it is coupled with) removed, so never pruned. A block is a
+    producer's nearest ancestor that is not an ``nn.Sequential`` (torchvision, timm and prunelab ResNets); its
+    output must carry the group's channels along dim 1, else ``ValueError``."""
+    blocks: dict[str, list[str]] = {}
+    out: list[ChannelGroup] = []
+    for g in groups:
+        owners = [_block_of(model, m.name) for m in g.producers()]
+        if "" in owners:
+            continue  # the stem (and whatever it is coupled with) is never pruned
+        if len(g.gates) < 2:
+            out.append(g)
+            continue
+        names = list(dict.fromkeys(owners))
+        blocks[g.id] = names
+        out.append(ChannelGroup(id=g.id, members=g.members, num_units=g.num_units,
+                                gates=[GateSite(n, 1) for n in names]))
+    if not blocks:
+        raise ValueError("method.residual_gates=block_output: the model has no residual-coupled channel group "
+                         "(allowed for ResNets; use method.residual_gates=producers)")
+    channels: dict[str, int] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, inp, o, n=n: channels.__setitem__(n, o.shape[1] if o.dim() > 1 else -1))
+        for n in {n for ns in blocks.values() for n in ns}]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    for g in out:
+        for n in blocks.get(g.id, ()):
+            if channels.get(n) != g.num_units:
+                raise ValueError(f"method.residual_gates=block_output: module {n!r} (the block of a producer of "
+                                 f"group {g.id!r}) outputs {channels.get(n)} channels, not the group's {g.num_units}")
     return out
