@@ -40,7 +40,8 @@ def check_choice(option: str, value, allowed) -> None:
 
 @register_model
 def lenet_300_100(input_shape, num_classes, hidden=(300, 100), activation: str = "relu") -> nn.Module:
-    """Fully connected 784-300-100-10 on MNIST (any flattened input size)."""
+    """Fully connected 784-300-100-10 (LeCun et al. 1998; any flattened input size): the LeNet-300-100 of
+    SNIP, GraSP, SynFlow and Connectivity Matters, and of the DLLP Fashion-MNIST runs here."""
     check_choice("model.activation", activation, tuple(ACTIVATIONS))
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
