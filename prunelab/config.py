@@ -151,6 +151,10 @@ NON_IDENTITY = {"paths", "logger", "hydra", "name", "hparams_search", "experimen
 # data.steps_per_call: the same steps on the same batches (one process; several processes take one per call)
 NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_dir", "steps_per_call"},
                         "trainer": {"enable_progress_bar"}}
+# Options added after runs existed, each with the value that computes what runs did before it: left out of the
+# run's identity at that value, so that a new option does not rename (and re-run, and double-count) every
+# finished run; any other value is part of the identity.
+IDENTITY_DEFAULTS = {"method": {"residual_gates": "producers"}}
 
 
 def register_configs() -> None:
@@ -227,7 +231,8 @@ def identity(cfg: DictConfig | dict, keys: list[str] | None = None) -> dict:
         node = cfg[key]
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in NON_IDENTITY_SUBKEYS.get(key, ())}
+            skip, old = NON_IDENTITY_SUBKEYS.get(key, ()), IDENTITY_DEFAULTS.get(key, {})
+            value = {k: v for k, v in value.items() if k not in skip and not (k in old and v == old[k])}
         out[key] = value
     return out
 

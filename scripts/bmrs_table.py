@@ -72,10 +72,12 @@ def newest_per_seed(runs):
     mtime = runs["path"].map(lambda p: (Path(p) / "results.json").stat().st_mtime)
     runs = runs.assign(_mtime=mtime).sort_values("_mtime", kind="stable")
     old = runs.duplicated(["setting", "rule_", "variant", "p", "config.seed"], keep="last")
+    kept = runs[~old].drop(columns="_mtime")
+    kept.attrs["superseded"] = list(runs.loc[old, "path"].astype(str))
     if old.any():
         print(f"bmrs_table: {int(old.sum())} run(s) left out, each superseded by a newer run of the same setting, "
-              "arm and seed: " + ", ".join(runs.loc[old, "path"].astype(str)), file=sys.stderr)
-    return runs[~old].drop(columns="_mtime")
+              "arm and seed: " + ", ".join(kept.attrs["superseded"]), file=sys.stderr)
+    return kept
 
 
 def arm_name(rule: str, p) -> str:
@@ -132,6 +134,9 @@ def table(dirs: list[str]) -> str:
     out = head + "\n" + "\n".join(rows)
     if len(problems):
         out += f"\n\n{len(problems)} job(s) without results: " + ", ".join(problems["path"].astype(str))
+    if runs.attrs.get("superseded"):
+        out += (f"\n\n{len(runs.attrs['superseded'])} run(s) left out, superseded by a newer run of the same "
+                "setting, arm and seed: " + ", ".join(runs.attrs["superseded"]))
     return out
 
 

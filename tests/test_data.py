@@ -823,3 +823,20 @@ def test_lightning_trainer_calls_the_batch_hook(tmp_path: Path) -> None:
 def test_public_api_exports() -> None:
     for name in pdata.__all__:
         assert hasattr(pdata, name)
+
+
+def test_an_option_added_at_its_old_behaviour_keeps_the_run_id(make_cfg) -> None:
+    """method.residual_gates came after structured runs existed: at producers (what those runs computed) it is
+    out of the identity, so their folders are found again; block_output names another run."""
+    from omegaconf import open_dict
+
+    from prunelab.config import identity, stable_hash
+
+    cfg = make_cfg("method=l2_norm", "schedule=oneshot", "logger=none", fast=False)
+    before = cfg.copy()
+    with open_dict(before):
+        del before.method["residual_gates"]  # the config as it was before the option existed
+    assert stable_hash(identity(cfg)) == stable_hash(identity(before))
+    other = make_cfg("method=l2_norm", "schedule=oneshot", "logger=none", "method.residual_gates=block_output",
+                     fast=False)
+    assert stable_hash(identity(other)) != stable_hash(identity(cfg))

@@ -68,4 +68,6 @@ def test_bmrs_table_counts_each_seed_once(tmp_path: Path, capsys):
     runs, _ = load_script("bmrs_table").labelled([str(tmp_path)])
     assert sorted(runs["run_id"]) == ["b", "c", "d"]
     assert "2 run(s) left out" in capsys.readouterr().err
-    assert "| bmrs_mlp | bmrs_n (code) | 2 | 75.0 ± 7.1 |" in load_script("bmrs_table").table([str(tmp_path)])
+    text = load_script("bmrs_table").table([str(tmp_path)])
+    assert "| bmrs_mlp | bmrs_n (code) | 2 | 75.0 ± 7.1 |" in text
+    assert "2 run(s) left out, superseded" in text and str(tmp_path / "a") in text

@@ -146,6 +146,21 @@ def test_block_output_gates_are_the_reference_stage_gates(arch):
     assert not torch.allclose(default.gates.z[g.id].grad, ref[g.gates[0].name.split(".")[0]], atol=1e-4)
 
 
+def test_block_output_gates_are_the_blocks_not_their_submodules():
+    """timm's SE-ResNet: the squeeze-excitation module inside a block also writes the residual channels; the gate
+    still goes on the block's output only (a gate on the SE output would read dL/dz before the addition)."""
+    from prunelab.pruning.units.groups import block_output_gates
+
+    model = build_model("timm", (3, 32, 32), 10, arch="seresnet18")
+    x = torch.zeros(2, 3, 32, 32)
+    groups = build_groups(model, x)
+    assert any(s.name.endswith(".se") or ".se." in s.name for g in groups for s in g.gates)  # the default does
+    regated = block_output_gates(model, groups, x)
+    residual = {g.id: [s.name for s in g.gates] for g in regated if len(g.gates) > 1}
+    assert sorted(residual.values()) == [[f"layer{i}.0", f"layer{i}.1"] for i in (2, 3, 4)]
+    assert "conv1" not in {g.id for g in regated}
+
+
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
 def test_block_output_masked_network_equals_the_compacted_one(arch):
     """Masks through block-output gates give the same function as the compacted network (a channel zeroed

@@ -91,6 +91,7 @@ def test_other_criteria_run_oneshot(make_cfg, criterion):
     (["method=taylor_fo", "method.amount=1.5"], "method.amount=1.5"),
     (["method=taylor_fo", "method.criterion=taylor_xx"], "allowed values: taylor_fo"),
     (["method=taylor_fo", "method.residual_gates=stage"], "method.residual_gates='stage'; allowed values: producers"),
+    (["model=lenet5", "method=taylor_fo", "method.residual_gates=block_output"], "no residual-coupled channel group"),
     (["method=taylor_fo", "schedule=iterative_structured", "schedule.recipe=x"], "schedule.recipe='x'"),
 ])
 def test_bad_structured_options_fail_before_training(make_cfg, tmp_path, overrides, message):

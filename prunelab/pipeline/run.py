@@ -269,6 +269,11 @@ def build_context(cfg: DictConfig, given: dict[str, Any] | None = None) -> RunCo
     # same cheap instance checks which weights prune.include / prune.exclude select.
     model = _instantiate(cfg.model, input_shape=tuple(dm.input_shape), num_classes=int(dm.num_classes))
     checks.check_prunable(cfg, model, checks.choice_name("model", cfg.model))
+    if hasattr(scorer, "check_model"):  # a method's own requirements on the model (before any training)
+        try:
+            scorer.check_model(model, tuple(dm.input_shape))
+        except ValueError as e:
+            raise UserError(str(e)) from None
     del model
     loggers = []
     if cfg.get("logger"):

@@ -26,7 +26,7 @@ from torch import nn
 from prunelab.pruning.method import Finished, TrainingMethod, check_choice
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.structured.pruner import TARGET_KINDS, PruneSchedule, StructuredPruner, removed_counts
-from prunelab.pruning.units.groups import RESIDUAL_GATES
+from prunelab.pruning.units.groups import RESIDUAL_GATES, block_output_gates, build_groups
 from prunelab.training.hooks import TrainHook, masks_checksum
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,13 @@ class StructuredMethod(TrainingMethod):
 
     def target(self) -> tuple[float | None, str]:
         return self.amount, f"structured_{self.target_kind}"
+
+    def check_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Before any training: ``residual_gates=block_output`` needs ResNet-style residual groups
+        (``ValueError`` naming the option otherwise)."""
+        if self.residual_gates == "block_output":
+            example = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
+            block_output_gates(model, build_groups(model, example), example)
 
     @property
     def needs_data(self) -> bool:

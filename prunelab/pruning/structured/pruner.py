@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab.pruning.method import check_choice
 from prunelab.pruning.structured import criteria as C
 from prunelab.pruning.units.compact import CostModel, compact
 from prunelab.pruning.units.gates import Gates
@@ -104,8 +105,7 @@ class StructuredPruner:
         seed: int = 0,
         residual_gates: str = "producers",
     ):
-        if residual_gates not in RESIDUAL_GATES:
-            raise ValueError(f"method.residual_gates must be one of {RESIDUAL_GATES}, got {residual_gates!r}")
+        check_choice("method.residual_gates", residual_gates, RESIDUAL_GATES)
         self.model = model
         self.example_input = example_input
         self.criterion = C.check_criterion(criterion)

@@ -277,52 +277,77 @@ def removable_group_masks(
 
 
 def _block_of(model: nn.Module, name: str) -> str:
-    """The residual block a layer belongs to: its nearest ancestor that is not an ``nn.Sequential`` (a stage,
-    a downsample/shortcut branch); ``""`` when that is the model itself (the stem, a plain layer)."""
+    """The residual block a layer belongs to: its nearest ancestor that is an element of an ``nn.Sequential``
+    (a stage's block; a downsample branch or a squeeze-excitation module inside the block is not one), ``""``
+    when there is none (the stem, a plain layer)."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
-        ancestor = ".".join(parts[:i])
-        if not isinstance(model.get_submodule(ancestor), nn.Sequential):
+        ancestor, parent = ".".join(parts[:i]), ".".join(parts[: i - 1])
+        if not isinstance(model.get_submodule(ancestor), nn.Sequential) and isinstance(
+            model.get_submodule(parent), nn.Sequential
+        ):
             return ancestor
     return ""
 
 
-def block_output_gates(model: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor) -> list[ChannelGroup]:
+def _is_residual(model: nn.Module, group: ChannelGroup) -> bool:
+    """Two or more conv / linear layers (not depthwise) write the group's channels: they are summed."""
+    writers = [model.get_submodule(m.name) for m in group.producers()]
+    return sum(isinstance(w, UNIT_TYPES) and not _is_depthwise(w) for w in writers) >= 2
+
+
+def block_output_gates(
+    model: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor
+) -> list[ChannelGroup]:
     """Residual channels gated as Molchanov et al.'s code gates ResNets (``method.residual_gates=block_output``).
 
     Their ``models/resnet.py`` multiplies every block's output, after the addition and the ReLU, by the gate of
     its stage (``gate_skip64`` ... ``gate_skip512``, one module shared by the blocks of a stage), keeps per-BN
     gates inside the blocks, and has no gate on the stem. prunelab's default (``producers``) gates each BN that
     writes a residual channel, before the addition, with the group's shared gate, and treats the stem like any
-    other layer. The units are the same (a residual group is the channel in every block of its stage) and so is
-    any masked network (a channel zeroed after every block of its stage is zero wherever it is read, as when
-    every producer is zeroed); what differs is where ``dL/dz`` is read, hence the Taylor scores.
+    other layer. A masked network is the same either way (a channel zeroed after every block of its stage is
+    zero wherever it is read, as when every writer is zeroed); what differs is where ``dL/dz`` is read, hence
+    the Taylor scores, and which groups exist:
 
-    Returns the groups with: every group gated at more than one site (residual coupling) gated instead at the
-    output of each block containing one of its producers; every group with a producer outside any block (the
-    stem, and in basic-block ResNets the first stage it is coupled with) removed, so never pruned. A block is a
-    producer's nearest ancestor that is not an ``nn.Sequential`` (torchvision, timm and prunelab ResNets); its
-    output must carry the group's channels along dim 1, else ``ValueError``."""
+    - every residual group (two or more conv/linear writers, summed) is gated at the output of each block
+      holding one of its writers, instead of at the writers;
+    - every group with a writer outside any block is removed, so never pruned: the stem, and in basic-block
+      ResNets whose first stage has no projection shortcut, that stage too (the reference gates it, but its
+      channels still reach the first block's convolution from the stem, which a compacted network cannot
+      express);
+    - the other groups (inside the blocks) keep their gates.
+
+    A block is the nearest ancestor that is an element of an ``nn.Sequential`` stage (torchvision, timm and
+    prunelab ResNets). ``ValueError`` for a model without residual groups, or where a block's output does not
+    carry the group's channels in the group's order along dim 1 (only ResNet-style blocks are supported)."""
     blocks: dict[str, list[str]] = {}
     out: list[ChannelGroup] = []
     for g in groups:
         owners = [_block_of(model, m.name) for m in g.producers()]
         if "" in owners:
             continue  # the stem (and whatever it is coupled with) is never pruned
-        if len(g.gates) < 2:
+        if not _is_residual(model, g):
             out.append(g)
             continue
+        if any(m.idxs != m.root_idxs for m in g.producers()):
+            raise ValueError(f"method.residual_gates=block_output: group {g.id!r} is not channel-aligned across its "
+                             "blocks (only ResNet-style blocks are supported; use method.residual_gates=producers)")
         names = list(dict.fromkeys(owners))
         blocks[g.id] = names
         out.append(ChannelGroup(id=g.id, members=g.members, num_units=g.num_units,
                                 gates=[GateSite(n, 1) for n in names]))
     if not blocks:
         raise ValueError("method.residual_gates=block_output: the model has no residual-coupled channel group "
-                         "(allowed for ResNets; use method.residual_gates=producers)")
+                         "(only ResNet-style models have; use method.residual_gates=producers)")
     channels: dict[str, int] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda mod, inp, o, n=n: channels.__setitem__(n, o.shape[1] if o.dim() > 1 else -1))
-        for n in {n for ns in blocks.values() for n in ns}]
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            channels[name] = output.shape[1] if isinstance(output, torch.Tensor) and output.dim() > 1 else -1
+        return hook
+
+    gated = {n for ns in blocks.values() for n in ns}
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in gated]
     was_training = model.training
     try:
         model.eval()
@@ -335,6 +360,7 @@ def block_output_gates(model: nn.Module, groups: Sequence[ChannelGroup], example
     for g in out:
         for n in blocks.get(g.id, ()):
             if channels.get(n) != g.num_units:
-                raise ValueError(f"method.residual_gates=block_output: module {n!r} (the block of a producer of "
-                                 f"group {g.id!r}) outputs {channels.get(n)} channels, not the group's {g.num_units}")
+                raise ValueError(f"method.residual_gates=block_output: module {n!r} (the block of a writer of group "
+                                 f"{g.id!r}) outputs {channels.get(n)} channels, not the group's {g.num_units} (only "
+                                 "ResNet-style blocks are supported; use method.residual_gates=producers)")
     return out
