@@ -22,6 +22,8 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunelab.report.collect import collect  # noqa: E402
@@ -32,7 +34,6 @@ from prunelab.report.collect import collect  # noqa: E402
 SETTINGS = ["bmrs_mlp_mnist", "bmrs_mlp_fashion_mnist", "bmrs_mlp_cifar10", "bmrs_lenet5_mnist",
             "bmrs_lenet5_fashion_mnist", "bmrs_lenet5_cifar10", "bmrs_resnet50_cifar10"]
 PAPER_RULES = ["none", "snr", "bmrs_n", "bmrs_u", "bmrs_u4"]
-L2_RULES = ("l2", "l2_params")  # one-shot L2 arms: units and parameters removed are read from the compaction
 PAPER: dict[tuple[str, str], tuple[float | None, float | None]] = {
     (s, r): (None, None) for s in SETTINGS for r in PAPER_RULES
 }
@@ -62,6 +63,12 @@ def labelled(dirs: list[str]):
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2")
     if "config.method.target_kind" in runs:  # L2 at BMRS_N's fraction of the parameters rather than of the units
         runs.loc[l2 & (runs["config.method.target_kind"] == "params"), "rule_"] = "l2_params"
+    # fractions removed: a BMRS rule records them (over the noisy model); a one-shot L2 arm's come from its compaction
+    nan = pd.Series(float("nan"), index=runs.index)
+    compacted = 1 - get("final.params_after", nan).astype(float) / get("final.params_before", nan).astype(float)
+    runs["units_removed"] = get("final.frac_units_removed", nan).astype(float).where(
+        ~l2, get("final.units_removed_frac", nan).astype(float))
+    runs["params_removed"] = get("final.frac_params_removed", nan).astype(float).where(~l2, compacted)
     return newest_per_seed(runs), problems
 
 
@@ -92,13 +99,9 @@ def per_run_csv(runs) -> str:
     recs = []
     for _, r in runs.iterrows():
         rule = r["rule_"]
-        units, params = col(r, "final.frac_units_removed"), col(r, "final.frac_params_removed")
-        if rule in L2_RULES:
-            units = r["final.units_removed_frac"]
-            params = 1 - float(r["final.params_after"]) / float(r["final.params_before"])
-        val = col(r, "final.val_acc_best")
         recs.append((r["setting"], arm_name(rule, r["p"]), int(r["config.seed"]), col(r, "final.test_acc"),
-                     col(r, "final.prune_test_acc") if rule != "none" else "", val, units, params, r["run_id"]))
+                     col(r, "final.prune_test_acc") if rule != "none" else "", col(r, "final.val_acc_best"),
+                     col(r, "units_removed"), col(r, "params_removed"), r["run_id"]))
     for rec in sorted(recs, key=lambda t: (t[0], t[1], t[2])):
         lines.append(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rec))
     return "\n".join(lines) + "\n"
@@ -120,11 +123,7 @@ def table(dirs: list[str]) -> str:
             v = g[col].astype(float)
             return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
-        units, params = ms("final.frac_units_removed"), ms("final.frac_params_removed")
-        if rule in L2_RULES:
-            g = g.assign(u=g["final.units_removed_frac"].astype(float),
-                         p=1 - g["final.params_after"].astype(float) / g["final.params_before"].astype(float))
-            units, params = ms("u", g), ms("p", g)
+        units, params = ms("units_removed"), ms("params_removed")
         rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(*ms('final.test_acc'))} | "
                     f"{_fmt(*ms('final.prune_test_acc')) if rule != 'none' else 'n/a'} | "
                     f"{_fmt(*units)} | {_fmt(*params)} | {_fmt(paper_acc, pct=False)} | {_fmt(paper_comp, pct=False)} |")
