@@ -12,6 +12,9 @@
 #       keeping the best-validation epoch (as the paper's L2 column);
 #   l2_params: the same, at the fraction of the parameters that BMRS_N removed (of the folded, compacted
 #       network); for the 1-hidden-layer MLP the two fractions coincide, for LeNet-5 they do not;
+#   l2_noisy: the authors' L2 baseline (method=bmrs_l2): trained 50 epochs with the same noise and KL as the
+#       BMRS arms, then the units with the smallest incoming-weight L2 norms, over the whole network, at BMRS_N's
+#       unit fraction of that seed, then the same 10 epochs of fine-tuning;
 #   none: l2's dense network (the same cached 50 epochs), nothing pruned (sparsity 0), the same 10 epochs of
 #       fine-tuning keeping the best-validation epoch: 50 + 10 epochs like every other arm.
 # Table: python scripts/bmrs_table.py $RUNS/outputs/multirun [--csv runs.csv]  (docs/results/bmrs_fmnist.md).
@@ -20,7 +23,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
 SETTINGS="${SETTINGS:-mlp_fashion_mnist lenet5_fashion_mnist}"
 SEEDS="${SEEDS:-0 1 2}"
-ALL_ARMS="bmrs_n l2 l2_params none bmrs_u8 bmrs_u4 snr expected_theta"
+ALL_ARMS="bmrs_n l2 l2_params l2_noisy none bmrs_u8 bmrs_u4 snr expected_theta"
 ARMS="${ARMS:-$ALL_ARMS}"
 PL="${PRUNELAB:-prunelab}"
 PY="${PYTHON:-python}"
@@ -42,7 +45,7 @@ for setting in $SETTINGS; do
         bmrs_u4) $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1 ;;
         none) $PL -m "${common[@]}" seed="$seed" schedule=oneshot "~schedule.epochs" method=random \
                   allocation=uniform prune.sparsity=0 name="bmrs_${setting}_none" || failed=1 ;;
-        l2|l2_params)
+        l2|l2_params|l2_noisy)
             kind=units; name="bmrs_${setting}_l2"
             [ "$arm" = l2_params ] && { kind=params; name="bmrs_${setting}_l2p"; }
             frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" "$kind" <<'PY'
@@ -57,7 +60,9 @@ fracs = [removed(r["final"]) for p in sorted(Path(sys.argv[1]).rglob("results.js
 print(f"{fracs[-1]:.4f}" if fracs else "")
 PY
 )
-            if [ -n "$frac" ]; then
+            if [ -n "$frac" ] && [ "$arm" = l2_noisy ]; then
+              $PL -m "${common[@]}" seed="$seed" method=bmrs_l2 "method.amount=$frac" || failed=1
+            elif [ -n "$frac" ]; then
               $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" \
                   method.target_kind="$kind" "method.amount=$frac" name="$name" || failed=1
             else

@@ -348,3 +348,53 @@ def test_results_json_written(make_cfg, tmp_path):
     res = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert res["final"]["rule"] == "expected_theta" and res["final"]["units_removed"] == 8
     assert res["config"]["method"]["_target_"].endswith("BMRSMethod")
+
+
+# ------------------------------------------------------------------- the authors' L2 baseline (rule l2_norm)
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
+def test_trained_l2_cuts_once_at_the_end_as_the_authors_percentile(name):
+    """rule=l2_norm prunes nothing while training; at freeze it keeps ``norm > np.percentile(all norms, 100 a)``
+    with the norms of every Linear/Conv's rows but the classifier's, taken over the whole network (the
+    authors' get_weight_l2 + get_threshold + LogUniformL2NormPruningLayer.compress, written out here in numpy)."""
+    import numpy as np
+
+    model, noises = _noisy(name, (1, 28, 28))
+    producers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+    with torch.no_grad():  # one layer much smaller: a global threshold takes most of the cut from it
+        producers[1].weight.mul_(0.05)
+    norms = [np.linalg.norm(m.weight.detach().numpy().reshape(m.weight.shape[0], -1).astype(np.float64), axis=1)
+             for m in producers]
+    amount = 0.3
+    t = np.percentile(np.concatenate(norms), 100 * amount)
+    pruner = B.BMRSPruner(noises, "l2_norm", model=model, amount=amount)
+    assert all(m.all() for m in pruner.update_masks().values())  # no cut while training
+    masks = list(pruner.freeze().values())
+    assert [m.numpy().tolist() for m in masks] == [(n > t).tolist() for n in norms]
+    total = sum(len(n) for n in norms)
+    # linear interpolation at position a (n - 1) of the sorted norms: floor(a (n - 1)) + 1 units at or below it
+    cut = int(amount * (total - 1)) + 1
+    assert sum(int((~m).sum()) for m in masks) == int(np.sum(np.concatenate(norms) <= t)) == cut
+    assert int((~masks[1]).sum()) == min(len(norms[1]), cut)  # the small layer goes first
+    pruner.update_masks()  # frozen: nothing moves
+    assert [m.numpy().tolist() for m in pruner.masks().values()] == [(n > t).tolist() for n in norms]
+
+
+def test_trained_l2_through_the_pipeline(make_cfg):
+    cfg = make_cfg("model=mlp", "model.hidden=[32,32]", "method=bmrs_l2", "method.amount=0.25", *BAYES)
+    res = run_pipeline(cfg)
+    final, info = res["final"], res["stages"]["prune"]["method"]
+    assert final["rule"] == final["target"] == "l2_norm" and info["amount"] == 0.25
+    assert [h["frac_units_removed"] for h in info["history"]] == [0.0, 0.0]  # trained with the noise, uncut
+    assert final["units_removed"] == 16 and final["frac_units_removed"] == pytest.approx(0.25)
+    assert info["units_removed_physically"] == 16 and info["compact_max_abs_diff"] < 1e-5
+
+
+def test_trained_l2_amount_is_required_and_only_for_it(make_cfg):
+    with pytest.raises(ValueError, match=r"method.amount=0.5 with method.rule=bmrs_n"):
+        BMRSMethod(rule="bmrs_n", amount=0.5)
+    with pytest.raises(ValueError, match=r"method.amount=1.5: the fraction of units to prune must be in \(0, 1\)"):
+        BMRSMethod(rule="l2_norm", amount=1.5)
+    with pytest.raises(ValueError, match=r"method.amount=None with method.rule=l2_norm"):
+        run_pipeline(make_cfg("model=mlp", "method=bmrs_l2", *BAYES))

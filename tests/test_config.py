@@ -21,9 +21,20 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
+# options whose YAML leaves a value for the user to set (null: refused when constructed, the option named)
+REQUIRED = {("data", "npz"): ["data.path=/nonexistent.npz"], ("method", "bmrs_l2"): ["method.amount=0.5"]}
+
+
+def test_a_required_value_left_unset_is_refused_naming_it(make_cfg):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"method.amount=None with method.rule=l2_norm"):
+        instantiate(make_cfg("method=bmrs_l2", fast=False).method)
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(make_cfg, group, option):
-    extra = ["data.path=/nonexistent.npz"] if (group, option) == ("data", "npz") else []
+    extra = REQUIRED.get((group, option), [])
     cfg = make_cfg(f"{group}={option}", *extra, fast=False)
     assert cfg.prune.target in ("direct", "effective")
     if group in ("method", "allocation", "schedule", "finetune"):
@@ -39,8 +50,8 @@ def test_every_method_is_named_by_the_option_that_chose_it(make_cfg):
 
     for opt in options("method"):
         schedule = {"bmrs_n": "bayesian", "bmrs_u": "bayesian", "snr": "bayesian", "expected_theta": "bayesian",
-                    "dllp": "train_prune", "slimming": "train_prune"}.get(opt, "oneshot")
-        cfg = make_cfg(f"method={opt}", f"schedule={schedule}")
+                    "bmrs_l2": "bayesian", "dllp": "train_prune", "slimming": "train_prune"}.get(opt, "oneshot")
+        cfg = make_cfg(f"method={opt}", f"schedule={schedule}", *REQUIRED.get(("method", opt), []))
         assert check_options(cfg)[1].name == opt, opt
 
 

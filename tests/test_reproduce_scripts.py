@@ -28,7 +28,7 @@ def test_bmrs_fmnist_refuses_an_unknown_arm_before_running(tmp_path: Path):
     out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_bmrs_fmnist.sh")], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
+    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params l2_noisy none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
     assert not runs.exists()  # nothing was started
 
 
@@ -49,12 +49,13 @@ def test_bmrs_table_counts_each_seed_once(tmp_path: Path, capsys):
 
     from tests.helpers import load_script
 
-    def run(folder: str, seed: int, acc: float, mtime: float, l2: bool = False) -> None:
+    def run(folder: str, seed: int, acc: float, mtime: float, l2: bool = False, rule: str = "bmrs_n") -> None:
         job = tmp_path / folder
         job.mkdir()
         method = {"criterion": "l2_norm", "target_kind": "units"} if l2 else {"p": 8}
         final = ({"units_removed_frac": 0.5, "params_after": 50, "params_before": 100} if l2
-                 else {"rule": "bmrs_n", "delta_f_n_variant": "code"})
+                 else {"rule": rule, "delta_f_n_variant": "code", "frac_units_removed": 0.4,
+                       "frac_params_removed": 0.45})
         doc = {"config": {"name": "bmrs_mlp" + ("_l2" if l2 else ""), "seed": seed, "method": method},
                "final": {**final, "test_acc": acc}, "run_id": folder}
         (job / "results.json").write_text(json.dumps(doc))
@@ -65,9 +66,11 @@ def test_bmrs_table_counts_each_seed_once(tmp_path: Path, capsys):
     run("c", 1, 0.70, 1500)
     run("d", 0, 0.30, 3000, l2=True)
     run("e", 0, 0.40, 1000, l2=True)
+    run("f", 0, 0.60, 1000, rule="l2_norm")  # method=bmrs_l2: the authors' L2 arm, its own arm
     runs, _ = load_script("bmrs_table").labelled([str(tmp_path)])
-    assert sorted(runs["run_id"]) == ["b", "c", "d"]
+    assert sorted(runs["run_id"]) == ["b", "c", "d", "f"]
     assert "2 run(s) left out" in capsys.readouterr().err
     text = load_script("bmrs_table").table([str(tmp_path)])
     assert "| bmrs_mlp | bmrs_n (code) | 2 | 75.0 ± 7.1 |" in text
+    assert "| bmrs_mlp | l2_noisy | 1 | 60.0 | n/a | 40.0 | 45.0 |" in text
     assert "2 run(s) left out, superseded" in text and str(tmp_path / "a") in text

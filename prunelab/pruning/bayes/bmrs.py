@@ -48,7 +48,9 @@ from prunelab.pruning.units.sites import LayerSite, attach, layer_sites, site_pa
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "METHOD_RULES",
     "RULES",
+    "TRAINED_L2",
     "BMRSPruner",
     "LogNormalNoise",
     "delta_f_n",
@@ -63,7 +65,11 @@ __all__ = [
     "unit_param_counts",
 ]
 
-RULES = ("bmrs_n", "bmrs_u", "snr", "expected_theta")
+RULES = ("bmrs_n", "bmrs_u", "snr", "expected_theta")  # decided by each unit's posterior, every epoch
+# The authors' L2 baseline (their LogUniformL2NormPruningLayer with --compression_percentage_file): the same
+# noise and KL while training, then one cut, at the end, by the L2 norm of each unit's incoming weights.
+TRAINED_L2 = "l2_norm"
+METHOD_RULES = RULES + (TRAINED_L2,)
 # Delta F_N as the authors' released code computes it (the default: it reproduces the published compression)
 # or as the paper's Eq. 8 writes it (exact; larger by 1/2 log 2 pi, see delta_f_n).
 DELTA_F_N_VARIANTS = ("code", "paper")
@@ -449,6 +455,31 @@ def prune_scores(
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 
 
+def input_weight_norms(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, torch.Tensor]:
+    """L2 norm of each unit's incoming weights, float64: the rows of the Linear/Conv that produces the units
+    (the noise's ``site.layer``), over all their input dimensions, bias left out -- what the authors'
+    ``get_weight_l2`` measures (the last Linear/Conv before each noise layer)."""
+    out = {}
+    for name, noise in noises.items():
+        w = model.get_submodule(noise.site.layer).weight.detach().double()
+        if w.shape[0] != noise.units:
+            raise NotImplementedError(f"rule={TRAINED_L2!r}: {noise.site.layer!r} has {w.shape[0]} rows for the "
+                                      f"{noise.units} units of {name!r}; the L2 rule needs one row per unit")
+        out[name] = torch.linalg.vector_norm(w.flatten(1), dim=1)
+    return out
+
+
+def l2_scores(norms: Mapping[str, torch.Tensor], amount: float) -> dict[str, torch.Tensor]:
+    """Per-unit score ``t - ||w_u||``, the unit pruned iff score >= 0 (the convention of :func:`prune_scores`),
+    with one threshold ``t`` over every layer's units: the ``amount`` quantile of all the norms, linearly
+    interpolated. That is the authors' ``np.percentile(all norms, 100 * amount)`` with ``mask = norm > t``: with
+    ``n`` distinct norms, ``floor(amount (n - 1)) + 1`` units are pruned, about a fraction ``amount``."""
+    if not 0.0 < amount < 1.0:
+        raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
+    t = torch.quantile(torch.cat([v.reshape(-1) for v in norms.values()]), float(amount))
+    return {n: t - v for n, v in norms.items()}
+
+
 def rank_units(
     noises: Mapping[str, LogNormalNoise], rule: str = "bmrs_n", **score_kwargs
 ) -> list[tuple[str, int, float]]:
@@ -538,7 +569,9 @@ class BMRSPruner:
     epoch; masks are recomputed from scratch from the current posteriors, so units can come back.
 
     ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (``p`` = 8, or 4 for more pruning), ``snr`` or
-    ``expected_theta`` (baselines). ``delta_f_n_variant``: ``"code"`` (default, the authors' released code,
+    ``expected_theta`` (baselines), or ``l2_norm``: the authors' L2 baseline, which prunes nothing while
+    training and, at :meth:`freeze`, the fraction ``amount`` of the units with the smallest incoming-weight
+    norms over the whole network (:func:`l2_scores`; needs ``model``). ``delta_f_n_variant``: ``"code"`` (default, the authors' released code,
     which reproduces the published compression) or ``"paper"`` (Eq. 8, exact; see :func:`delta_f_n`); the
     choice is recorded in :meth:`stats` as ``delta_f_n_variant``.
     """
@@ -554,9 +587,12 @@ class BMRSPruner:
         theta_threshold: float = 0.1,
         model: nn.Module | None = None,
         example: torch.Tensor | None = None,
+        amount: float | None = None,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule not in METHOD_RULES:
+            raise ValueError(f"rule must be one of {METHOD_RULES}, got {rule!r}")
+        if rule == TRAINED_L2 and (model is None or amount is None):
+            raise ValueError(f"rule={TRAINED_L2!r} needs the model and the fraction of units to prune (amount)")
         if delta_f_n_variant not in DELTA_F_N_VARIANTS:
             raise ValueError(f"delta_f_n_variant must be one of {DELTA_F_N_VARIANTS}, got {delta_f_n_variant!r}")
         if not noises:
@@ -571,25 +607,35 @@ class BMRSPruner:
             snr_threshold=snr_threshold,
             theta_threshold=theta_threshold,
         )
+        self.amount = amount
         self.frozen = False
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Per-unit prune scores (``Delta F`` for BMRS rules), float64."""
+        if self.rule == TRAINED_L2:
+            return l2_scores(input_weight_norms(self.model, self.noises), self.amount)
         return {n: prune_scores(m, self.rule, **self.score_kwargs) for n, m in self.noises.items()}
+
+    def _apply(self) -> None:
+        for name, score in self.scores().items():
+            self.noises[name].mask.copy_(score.lt(0).to(self.noises[name].mask.device))
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Current unit masks ``{noise name: bool (units,)}``, True = kept."""
         return {n: m.mask.clone() for n, m in self.noises.items()}
 
     def update_masks(self) -> dict[str, torch.Tensor]:
-        """Set every unit's mask to ``score < 0`` (prune iff ``Delta F >= 0``), from scratch; no-op once frozen."""
-        if not self.frozen:
-            for name, score in self.scores().items():
-                self.noises[name].mask.copy_(score.lt(0).to(self.noises[name].mask.device))
+        """Set every unit's mask to ``score < 0`` (prune iff ``Delta F >= 0``), from scratch; no-op once frozen,
+        and for ``l2_norm``, which prunes once, at :meth:`freeze`."""
+        if not self.frozen and self.rule != TRAINED_L2:
+            self._apply()
         return self.masks()
 
     def freeze(self) -> dict[str, torch.Tensor]:
-        """Stop updating: the current masks become final (e.g. before fine-tuning)."""
+        """Stop updating: the current masks become final (e.g. before fine-tuning). ``l2_norm`` makes its one
+        cut here, from the weights at the end of training."""
+        if not self.frozen and self.rule == TRAINED_L2:
+            self._apply()
         self.frozen = True
         return self.masks()
 

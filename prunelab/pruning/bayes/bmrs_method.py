@@ -10,7 +10,8 @@ Protocol (the paper's continuous pruning, Alg. 1, and the authors' ``train.py``)
 2. After every epoch (:meth:`BMRSHook.on_epoch_end`) every unit's mask is recomputed *from scratch* from the
    current posteriors (prune iff ``Delta F >= 0`` for ``bmrs_n``/``bmrs_u``; ``E[theta]/std < 1`` for
    ``snr``; ``E[theta] < 0.1`` for ``expected_theta``): a unit pruned in one epoch comes back when its
-   posterior moves away.
+   posterior moves away. ``l2_norm``, the authors' L2 baseline, prunes nothing while training and makes its
+   one cut by incoming-weight L2 norm when ``finish`` freezes the masks.
 3. ``finish``: masks frozen; the evaluation-mode noise ``E[theta] * mask`` is folded into the weights
    (:func:`fold_noise`: BatchNorm affine parameters, or the producing Linear/Conv's rows and bias when the
    noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0`` -- or, after any other activation
@@ -191,7 +192,11 @@ class BMRSMethod(TrainingMethod):
     """Threshold-free structured pruning with multiplicative log-normal noise and Bayesian model reduction.
 
     ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (reduced log-uniform prior on ``[2^-23, 2^-p]``, ``p`` = 8; 4
-    prunes more), ``snr`` (``E[theta]/std[theta] < 1``), ``expected_theta`` (``E[theta] < 0.1``).
+    prunes more), ``snr`` (``E[theta]/std[theta] < 1``), ``expected_theta`` (``E[theta] < 0.1``), or
+    ``l2_norm`` (``method=bmrs_l2``): the authors' L2 baseline, trained with the same noise and KL, nothing
+    pruned while training, then the fraction ``amount`` of the units with the smallest incoming-weight L2
+    norms over the whole network (:func:`~prunelab.pruning.bayes.bmrs.l2_scores`); ``amount`` is for that rule
+    only, and ``scripts/reproduce_bmrs_fmnist.sh`` sets it to BMRS_N's unit fraction of the same seed.
     ``delta_f_n``: ``code`` (default: ``Delta F_N`` as the authors' released code computes it, which reproduces
     the published compression) or ``paper`` (Eq. 8 as printed, the exact free-energy change, which prunes
     next to nothing; see :func:`~prunelab.pruning.bayes.bmrs.delta_f_n`). ``kl_scaling``: ``layer_mean`` (reference code: KL averaged within each layer, then across
@@ -210,8 +215,14 @@ class BMRSMethod(TrainingMethod):
     def __init__(self, rule: str = "bmrs_n", p: float = 8, delta_f_n: str = "code",
                  kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
                  log_sigma_init: float = -5.0, placement: str = "auto", sample_mode: str = "element",
-                 noise_lr: float | None = None):
-        check_choice("method.rule", rule, B.RULES)
+                 noise_lr: float | None = None, amount: float | None = None):
+        check_choice("method.rule", rule, B.METHOD_RULES)
+        if (rule == B.TRAINED_L2) != (amount is not None):
+            raise ValueError(f"method.amount={amount} with method.rule={rule}: the fraction of units to prune is set "
+                             f"for rule={B.TRAINED_L2} (method=bmrs_l2) and only for it")
+        if amount is not None and not 0.0 < float(amount) < 1.0:
+            raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
+        self.amount = None if amount is None else float(amount)
         check_choice("method.kl_scaling", kl_scaling, KL_SCALINGS)
         check_choice("method.placement", placement, B.PLACEMENTS)
         check_choice("method.sample_mode", sample_mode, B.SAMPLE_MODES)
@@ -240,7 +251,7 @@ class BMRSMethod(TrainingMethod):
         noises = B.insert_noise(model, self.placement, example=example, log_a=self.log_a, log_b=self.log_b,
                                 init_mu=self.mu_init, init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, delta_f_n_variant=self.delta_f_n_variant, model=model,
-                              example=example)
+                              example=example, amount=self.amount)
         n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None
         return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
 
@@ -277,6 +288,7 @@ class BMRSMethod(TrainingMethod):
         record = {
             "rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant, "p": self.p,
             "kl_scaling": self.kl_scaling, "placement": self.placement, "noise_lr": self.noise_lr,
+            "amount": self.amount,
             "units_total": stats["units_total"], "units_removed": stats["units_pruned"],
             "frac_units_removed": stats["frac_units_removed"],
             "params_total_with_noise": stats["params_total"], "params_removed": stats["params_removed"],
