@@ -72,7 +72,38 @@ def labelled(dirs: list[str]):
     runs["units_removed"] = get("final.frac_units_removed", nan).astype(float).where(
         ~l2, get("final.units_removed_frac", nan).astype(float))
     runs["params_removed"] = get("final.frac_params_removed", nan).astype(float).where(~l2, compacted)
+    runs["params_removed_authors"] = get("final.frac_params_removed_authors", nan).astype(float)
     return newest_per_seed(runs), problems
+
+
+def backfill_authors_count(runs, input_shape: tuple[int, ...], num_classes: int):
+    """Fill ``params_removed_authors`` (the authors' "Comp %" count, :func:`bmrs.authors_params_removed`) for
+    BMRS-rule runs recorded before prunelab wrote it: rebuild the run's noisy model from its config and keep,
+    in each noise, the recorded number of units. That count depends on the per-layer numbers only (rows,
+    columns and their overlap), not on which units. The rebuilt model must give the recorded
+    ``frac_params_removed`` too, which checks ``input_shape`` and ``num_classes``."""
+    import json
+
+    import torch
+    from hydra.utils import instantiate
+
+    from prunelab.pruning.bayes import bmrs as B
+
+    example = torch.zeros(2, *input_shape)
+    for i, r in runs[runs["params_removed_authors"].isna() & runs["final.frac_params_removed"].notna()].iterrows():
+        res = json.loads((Path(r["path"]) / "results.json").read_text())
+        model = instantiate(res["config"]["model"], input_shape=tuple(input_shape), num_classes=num_classes)
+        noises = B.insert_noise(model, res["config"]["method"].get("placement", "auto"), example=example)
+        for name, layer in res["stages"]["prune"]["method"]["layers"].items():
+            noises[name].mask.copy_(torch.arange(noises[name].units) < layer["kept"])
+        ours = sum(int((~m).sum()) for m in B.param_masks(model, noises, example=example).values())
+        removed, total = B.authors_params_removed(model, noises)
+        if abs(ours / total - float(r["final.frac_params_removed"])) > 1e-9:
+            raise ValueError(f"{r['path']}: the rebuilt model does not give the recorded frac_params_removed "
+                             f"({ours / total:.6f} vs {r['final.frac_params_removed']:.6f}); check --input-shape "
+                             "and --num-classes")
+        runs.loc[i, "params_removed_authors"] = removed / total
+    return runs
 
 
 def newest_per_seed(runs):
@@ -97,21 +128,23 @@ def arm_name(rule: str, p) -> str:
 def per_run_csv(runs) -> str:
     """One line per run: arm, seed, accuracies, fractions removed, run id (sorted by setting, arm, seed)."""
     lines = ["setting,arm,seed,test_acc,acc_after_pruning_before_ft,val_acc_best,frac_units_removed,"
-             "frac_params_removed,run_id"]
+             "frac_params_removed,frac_params_removed_authors,run_id"]
     col = lambda r, c: "" if c not in r or r[c] != r[c] else r[c]  # noqa: E731
     recs = []
     for _, r in runs.iterrows():
         rule = r["rule_"]
         recs.append((r["setting"], arm_name(rule, r["p"]), int(r["config.seed"]), col(r, "final.test_acc"),
                      col(r, "final.prune_test_acc") if rule != "none" else "", col(r, "final.val_acc_best"),
-                     col(r, "units_removed"), col(r, "params_removed"), r["run_id"]))
+                     col(r, "units_removed"), col(r, "params_removed"), col(r, "params_removed_authors"),
+                     r["run_id"]))
     for rec in sorted(recs, key=lambda t: (t[0], t[1], t[2])):
         lines.append(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in rec))
     return "\n".join(lines) + "\n"
 
 
-def table(dirs: list[str]) -> str:
-    runs, problems = labelled(dirs)
+def table(dirs: list[str], runs=None, problems=None) -> str:
+    if runs is None:
+        runs, problems = labelled(dirs)
     if runs.empty:
         return "no finished runs found in " + ", ".join(dirs)
     rows = []
@@ -126,13 +159,14 @@ def table(dirs: list[str]) -> str:
             v = g[col].astype(float)
             return float(v.mean()), (float(v.std(ddof=1)) if v.notna().sum() > 1 else None)
 
-        units, params = ms("units_removed"), ms("params_removed")
+        units, params, authors = ms("units_removed"), ms("params_removed"), ms("params_removed_authors")
         rows.append(f"| {setting} | {label} | {len(g)} | {_fmt(*ms('final.test_acc'))} | "
                     f"{_fmt(*ms('final.prune_test_acc')) if rule != 'none' else 'n/a'} | "
-                    f"{_fmt(*units)} | {_fmt(*params)} | {_fmt(paper_acc, pct=False)} | {_fmt(paper_comp, pct=False)} |")
+                    f"{_fmt(*units)} | {_fmt(*params)} | {_fmt(*authors)} | {_fmt(paper_acc, pct=False)} | "
+                    f"{_fmt(paper_comp, pct=False)} |")
     head = ("| setting | rule | n | test acc % | acc % after pruning (before FT) | units removed % | "
-            "params removed % | paper acc % | paper params removed % |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            "params removed % | params removed %, authors' count | paper acc % | paper params removed % |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     out = head + "\n" + "\n".join(rows)
     if len(problems):
         out += f"\n\n{len(problems)} job(s) without results: " + ", ".join(problems["path"].astype(str))
@@ -147,10 +181,16 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", default=None)
     ap.add_argument("--csv", default=None, help="also write one line per run to this file")
+    ap.add_argument("--input-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                    help="the runs' input shape: fills the authors' parameter count of runs recorded without it")
+    ap.add_argument("--num-classes", type=int, default=10)
     args = ap.parse_args()
-    text = table(args.dirs)
+    runs, problems = labelled(args.dirs)
+    if args.input_shape and not runs.empty:
+        runs = backfill_authors_count(runs, tuple(args.input_shape), args.num_classes)
+    text = table(args.dirs, runs, problems)
     if args.csv:
-        Path(args.csv).write_text(per_run_csv(labelled(args.dirs)[0]))
+        Path(args.csv).write_text(per_run_csv(runs))
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,8 @@ def test_pipeline_records_rule_variant_and_fractions(make_cfg, rule):
     removed = 16 * (784 + 1 + 2) + 16 * (32 + 1 + 2 + 10) + 16 * 16
     assert info["params_removed"] == removed
     assert final["frac_params_removed"] == pytest.approx(removed / n_noisy)
+    # the authors' count (their "Comp %"): the same without the 32 pruned units' biases
+    assert final["frac_params_removed_authors"] == pytest.approx((removed - 32) / n_noisy)
     # physically removed: the compact network is what fine-tuning trained and what was measured
     dense = 784 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     small = 784 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
@@ -398,3 +400,68 @@ def test_trained_l2_amount_is_required_and_only_for_it(make_cfg):
         BMRSMethod(rule="l2_norm", amount=1.5)
     with pytest.raises(ValueError, match=r"method.amount=None with method.rule=l2_norm"):
         run_pipeline(make_cfg("model=mlp", "method=bmrs_l2", *BAYES))
+
+
+def _authors_removed(model: nn.Module) -> int:
+    """The BMRS authors' get_num_removed_params (modules/layers.py), transcribed onto prunelab's noise modules
+    (``mu`` and the ``mask`` buffer): zero the pruned rows and, where the shapes line up, the next matrix's
+    columns, then count zeros in the weight matrices plus two noise parameters per pruned unit."""
+
+    def connections(m):
+        children = list(m.children())
+        if children:
+            return [c for ch in children for c in connections(ch)]
+        return [(n, p.squeeze(), m) for n, p in m.named_parameters()
+                if p.requires_grad and n not in ("bias", "log_sigma") and len(p.shape) > 1 or n == "mu"]
+
+    model = copy.deepcopy(model)
+    conns, weights, removed = connections(model), [], 0
+    with torch.no_grad():
+        for i, (n, p, m) in enumerate(conns):
+            if n != "mu":
+                weights.append(p)
+                continue
+            keep = m.mask.float().squeeze()
+            removed += 2 * int((keep == 0).sum())
+            conns[i - 1][1].mul_(keep.view([-1] + [1] * (conns[i - 1][1].ndim - 1)))
+            if conns[i + 1][1].shape[1] == p.shape[0]:
+                conns[i + 1][1].mul_(keep.view([1, -1] + [1] * (conns[i + 1][1].ndim - 2)))
+    return removed + sum(int((w == 0).sum()) for w in weights)
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5", "mlp:tanh"])
+def test_authors_parameter_count_is_their_code_and_lower_across_a_flatten(name):
+    model, noises = _noisy(name, (1, 28, 28))
+    g = torch.Generator().manual_seed(1)
+    for noise in noises.values():
+        noise.mask.copy_(torch.rand(noise.units, generator=g) > 0.6)
+    removed, total = B.authors_params_removed(model, noises)
+    assert removed == _authors_removed(model)
+    assert total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ours = sum(int((~m).sum()) for m in B.param_masks(model, noises, example=torch.zeros(2, 1, 28, 28)).values())
+    biases = sum(int((~n.mask).sum()) for n in noises.values())  # each pruned unit's bias: ours counts it
+    if name == "lenet5":  # conv2 -> flatten -> fc1: the authors' code keeps counting the columns
+        assert removed < ours - biases
+    else:
+        assert removed == ours - biases
+
+
+def test_bmrs_table_backfills_the_authors_count_of_older_runs(make_cfg, tmp_path):
+    """A run recorded before ``frac_params_removed_authors`` existed gets it from its rebuilt noisy model and
+    per-layer counts, equal to what the pipeline records now; a wrong input shape is refused, not miscounted."""
+    from tests.helpers import load_script
+
+    cfg = make_cfg("model=lenet5", "method=bmrs_n", *BAYES, *PART)
+    run_pipeline(cfg)
+    path = Path(cfg.paths.output_dir) / "results.json"
+    res = json.loads(path.read_text())
+    recorded = res["final"].pop("frac_params_removed_authors")
+    assert 0 < recorded < res["final"]["frac_params_removed"]  # LeNet-5: fewer, the columns after the flatten
+    path.write_text(json.dumps(res))
+    table = load_script("bmrs_table")
+    runs, _ = table.labelled([str(tmp_path)])
+    assert runs["params_removed_authors"].isna().all()
+    filled = table.backfill_authors_count(runs.copy(), (1, 28, 28), 10)
+    assert filled["params_removed_authors"].tolist() == pytest.approx([recorded], abs=1e-12)
+    with pytest.raises(ValueError, match="does not give the recorded frac_params_removed.*--input-shape"):
+        table.backfill_authors_count(runs.copy(), (1, 32, 32), 10)

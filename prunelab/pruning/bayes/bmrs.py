@@ -51,6 +51,7 @@ __all__ = [
     "METHOD_RULES",
     "RULES",
     "TRAINED_L2",
+    "authors_params_removed",
     "BMRSPruner",
     "LogNormalNoise",
     "delta_f_n",
@@ -538,6 +539,33 @@ def param_masks(
         for pname in ("mu", "log_sigma"):
             masks[f"{name}.{pname}"] = keep[name].clone()
     return masks
+
+
+def authors_params_removed(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> tuple[int, int]:
+    """``(removed, total)`` parameters as the BMRS authors' code counts them for its "Comp %" column
+    (``get_true_parameter_compression_percent`` in ``modules/layers.py``), from each noise's ``mask``:
+
+    - every pruned unit removes its row of the Linear/Conv before the noise and its two noise parameters;
+    - and the columns that read it in the *next* Linear/Conv (in module order), but only when that layer's input
+      dimension equals the number of units: across a flatten (LeNet-5's conv2 -> fc1) the columns stay counted;
+    - a pruned unit's bias is never counted as removed; ``total`` is every trainable parameter, noise included.
+
+    :func:`param_masks` (prunelab's ``frac_params_removed``) counts the bias and the columns after a flatten too,
+    so on LeNet-5 it removes more for the same masks. For MLPs and LeNets (noise after the activation); a
+    weight in both a pruned row and a pruned column is counted once."""
+    layers = [m for m in model.modules() if isinstance(m, UNIT_TYPES)]
+    gone = {id(m): torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device) for m in layers}
+    pruned_noise = 0
+    for noise in noises.values():
+        cut = ~noise.mask.bool().to(layers[0].weight.device)
+        pruned_noise += 2 * int(cut.sum())
+        producer = model.get_submodule(noise.site.layer)
+        gone[id(producer)][cut] = True
+        after = layers.index(producer) + 1
+        if after < len(layers) and layers[after].weight.shape[1] == noise.units:
+            gone[id(layers[after])][:, cut] = True
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(int(g.sum()) for g in gone.values()) + pruned_noise, total
 
 
 def unit_param_counts(

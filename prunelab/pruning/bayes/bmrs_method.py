@@ -259,6 +259,7 @@ class BMRSMethod(TrainingMethod):
         pruner = hook.pruner
         masks = pruner.freeze()
         stats = pruner.stats(model)
+        authors_removed, authors_total = B.authors_params_removed(model, pruner.noises)
         model.eval()
         device = next(model.parameters()).device
         example = torch.randn(4, *ctx.input_shape, device=device)
@@ -305,6 +306,7 @@ class BMRSMethod(TrainingMethod):
             "final": {"rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant,
                       "frac_units_removed": stats["frac_units_removed"],
                       "frac_params_removed": stats["frac_params_removed"],
+                      "frac_params_removed_authors": authors_removed / authors_total,
                       "units_total": stats["units_total"], "units_removed": stats["units_pruned"]},
         }
         log.info("BMRS %s (%s): %d / %d units removed (%.1f%%), %.1f%% of the parameters", self.rule,
