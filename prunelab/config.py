@@ -154,7 +154,7 @@ NON_IDENTITY_SUBKEYS = {"data": {"data_dir", "num_workers", "download", "source_
 # Options added after runs existed, each with the value that computes what runs did before it: left out of the
 # run's identity at that value, so that a new option does not rename (and re-run, and double-count) every
 # finished run; any other value is part of the identity.
-IDENTITY_DEFAULTS = {"method": {"residual_gates": "producers"}}
+IDENTITY_DEFAULTS = {"method": {"residual_gates": "producers", "zero_pruned": False, "l2_epoch_threshold": None}}
 
 
 def register_configs() -> None:

@@ -9,7 +9,7 @@ without a BMRS rule appear as rule "none" (the dense baseline of scripts/reprodu
 ``<setting>_none``) or "l2" (one-shot L2-norm unit pruning, ``method=l2_norm``, run name ``<setting>_l2``; "l2_params" when it
 targets a fraction of the parameters, ``<setting>_l2p``); they are listed under their setting. "l2_noisy" is
 ``method=bmrs_l2``, the authors' L2 baseline (trained with the noise, then cut by L2 norm at BMRS_N's unit
-fraction): the paper's L2 column.
+fraction): the paper's L2 column; "l2_noisy_epochs" is the same with their per-epoch cut at norm 0.5.
 
 PAPER holds the numbers the paper reports (Wright, Igel, Selvan, NeurIPS 2024, Table 1: parameter compression %
 and test accuracy, mean of 10 runs). They could not be retrieved when this script was written (no network
@@ -64,6 +64,9 @@ def labelled(dirs: list[str]):
     l2 = (runs["config.method.criterion"] == "l2_norm") if "config.method.criterion" in runs else runs["rule_"].isna() & False
     runs["rule_"] = runs["rule_"].where(runs["rule_"].notna(), "none").where(~l2, "l2").replace(
         {"l2_norm": "l2_noisy"})  # method=bmrs_l2, the authors' L2 arm (trained with the noise)
+    if "config.method.l2_epoch_threshold" in runs:  # ... cutting at a norm after every epoch too
+        runs.loc[runs["config.method.l2_epoch_threshold"].notna() & (runs["rule_"] == "l2_noisy"),
+                 "rule_"] = "l2_noisy_epochs"
     if "config.method.target_kind" in runs:  # L2 at BMRS_N's fraction of the parameters rather than of the units
         runs.loc[l2 & (runs["config.method.target_kind"] == "params"), "rule_"] = "l2_params"
     # fractions removed: a BMRS rule records them (over the noisy model); a one-shot L2 arm's come from its compaction

@@ -15,6 +15,9 @@
 #   l2_noisy: the authors' L2 baseline (method=bmrs_l2): trained 50 epochs with the same noise and KL as the
 #       BMRS arms, then the units with the smallest incoming-weight L2 norms, over the whole network, at BMRS_N's
 #       unit fraction of that seed, then the same 10 epochs of fine-tuning;
+#   l2_noisy_epochs: the same as their code runs it with its default --compress_epochs 1: also every unit with
+#       incoming norm <= 0.5 cut after every epoch, its weights zeroed (method.l2_epoch_threshold=0.5
+#       method.zero_pruned=true);
 #   none: l2's dense network (the same cached 50 epochs), nothing pruned (sparsity 0), the same 10 epochs of
 #       fine-tuning keeping the best-validation epoch: 50 + 10 epochs like every other arm.
 # Table: python scripts/bmrs_table.py $RUNS/outputs/multirun [--csv runs.csv]  (docs/results/bmrs_fmnist.md).
@@ -23,7 +26,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-$here/outputs/bmrs_fmnist}"
 SETTINGS="${SETTINGS:-mlp_fashion_mnist lenet5_fashion_mnist}"
 SEEDS="${SEEDS:-0 1 2}"
-ALL_ARMS="bmrs_n l2 l2_params l2_noisy none bmrs_u8 bmrs_u4 snr expected_theta"
+ALL_ARMS="bmrs_n l2 l2_params l2_noisy l2_noisy_epochs none bmrs_u8 bmrs_u4 snr expected_theta"
 ARMS="${ARMS:-$ALL_ARMS}"
 PL="${PRUNELAB:-prunelab}"
 PY="${PYTHON:-python}"
@@ -45,7 +48,7 @@ for setting in $SETTINGS; do
         bmrs_u4) $PL -m "${common[@]}" seed="$seed" method=bmrs_u method.p=4 || failed=1 ;;
         none) $PL -m "${common[@]}" seed="$seed" schedule=oneshot "~schedule.epochs" method=random \
                   allocation=uniform prune.sparsity=0 name="bmrs_${setting}_none" || failed=1 ;;
-        l2|l2_params|l2_noisy)
+        l2|l2_params|l2_noisy|l2_noisy_epochs)
             kind=units; name="bmrs_${setting}_l2"
             [ "$arm" = l2_params ] && { kind=params; name="bmrs_${setting}_l2p"; }
             frac=$($PY - "$RUNS/outputs/multirun/bmrs_$setting" "$seed" "$kind" <<'PY'
@@ -62,6 +65,9 @@ PY
 )
             if [ -n "$frac" ] && [ "$arm" = l2_noisy ]; then
               $PL -m "${common[@]}" seed="$seed" method=bmrs_l2 "method.amount=$frac" || failed=1
+            elif [ -n "$frac" ] && [ "$arm" = l2_noisy_epochs ]; then
+              $PL -m "${common[@]}" seed="$seed" method=bmrs_l2 "method.amount=$frac" \
+                  method.l2_epoch_threshold=0.5 method.zero_pruned=true || failed=1
             elif [ -n "$frac" ]; then
               $PL -m "${common[@]}" seed="$seed" method=l2_norm schedule=oneshot "~schedule.epochs" \
                   method.target_kind="$kind" "method.amount=$frac" name="$name" || failed=1

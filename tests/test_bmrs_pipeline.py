@@ -383,10 +383,27 @@ def test_trained_l2_cuts_once_at_the_end_as_the_authors_percentile(name):
     assert [m.numpy().tolist() for m in pruner.masks().values()] == [(n > t).tolist() for n in norms]
 
 
+class CaptureNorms(pl.Callback):
+    """Test helper: the incoming-weight norms of the noisy network when the pruning stage's training ends."""
+
+    seen: dict = {}
+
+    def on_train_end(self, trainer, module):
+        if module.stage == "prune":
+            CaptureNorms.seen = B.input_weight_norms(module.model, module.hook.noises)
+
+
 def test_trained_l2_through_the_pipeline(make_cfg):
-    cfg = make_cfg("model=mlp", "model.hidden=[32,32]", "method=bmrs_l2", "method.amount=0.25", *BAYES)
+    cfg = make_cfg("model=mlp", "model.hidden=[32,32]", "method=bmrs_l2", "method.amount=0.25", *BAYES,
+                   "+callbacks.norms._target_=tests.test_bmrs_pipeline.CaptureNorms")
     res = run_pipeline(cfg)
     final, info = res["final"], res["stages"]["prune"]["method"]
+    # the cut is made on the trained weights, before folding, with one threshold over both layers
+    norms = CaptureNorms.seen
+    t = torch.quantile(torch.cat(list(norms.values())), 0.25)
+    kept = {n: int((v > t).sum()) for n, v in norms.items()}
+    assert sorted(kept.values()) != [24, 24]  # a per-layer cut would keep 24 of each layer's 32
+    assert {n: v["kept"] for n, v in info["layers"].items()} == kept
     assert final["rule"] == final["target"] == "l2_norm" and info["amount"] == 0.25
     assert [h["frac_units_removed"] for h in info["history"]] == [0.0, 0.0]  # trained with the noise, uncut
     assert final["units_removed"] == 16 and final["frac_units_removed"] == pytest.approx(0.25)
@@ -465,3 +482,78 @@ def test_bmrs_table_backfills_the_authors_count_of_older_runs(make_cfg, tmp_path
     assert filled["params_removed_authors"].tolist() == pytest.approx([recorded], abs=1e-12)
     with pytest.raises(ValueError, match="does not give the recorded frac_params_removed.*--input-shape"):
         table.backfill_authors_count(runs.copy(), (1, 32, 32), 10)
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
+def test_zero_pruned_zeroes_what_the_authors_code_zeroes(name):
+    """method.zero_pruned: the cut units' producer rows and, where the shapes line up, their reader columns are
+    zero afterwards -- the same entries the authors' get_num_removed_params zeroes (the transcription above
+    counts zeros after zeroing them itself; here nothing is left for it to zero) -- and nothing else is."""
+    model, noises = _noisy(name, (1, 28, 28))
+    g = torch.Generator().manual_seed(2)
+    for noise in noises.values():
+        noise.mask.copy_(torch.rand(noise.units, generator=g) > 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    B.zero_cut_weights(model, noises)
+    changed = sum(int((p != before[n]).sum()) for n, p in model.named_parameters())
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    cut_noise = 2 * sum(int((~n.mask).sum()) for n in noises.values())
+    assert changed == zeros  # only cut entries moved, all of them to 0 (the weights had no zero before)
+    assert zeros + cut_noise == _authors_removed(model) == B.authors_params_removed(model, noises)[0]
+    if name == "lenet5":  # conv2 -> flatten -> fc1: the authors' code leaves fc1's columns alone
+        fc1 = [m for m in model.modules() if isinstance(m, nn.Linear)][0]
+        conv2, fc1_noise = list(noises.values())[1:3]
+        assert int((~conv2.mask).sum()) > 0  # conv2 channels were cut ...
+        # ... yet fc1 lost only the rows of its own cut units
+        assert int((fc1.weight == 0).sum()) == fc1.weight.shape[1] * int((~fc1_noise.mask).sum())
+
+
+def test_authors_per_epoch_l2_cut_sticks_and_the_final_cut_counts_it():
+    """l2_epoch_threshold + zero_pruned (the authors' L2 layer under --compress_epochs 1): after an epoch every
+    unit with incoming norm <= 0.5 is cut and zeroed, stays cut, and the final cut at ``amount`` ranks it at norm
+    0, as the authors' final compress sees it."""
+    model, noises = _noisy("lenet_300_100", (1, 28, 28))
+    fc1 = model.get_submodule(next(iter(noises.values())).site.layer)
+    with torch.no_grad():
+        fc1.weight[:30] *= 0.5 / fc1.weight[:30].norm(dim=1, keepdim=True) * 0.9  # norm 0.45: cut
+        fc1.weight[30:] *= 0.5 / fc1.weight[30:].norm(dim=1, keepdim=True) * 2.0  # norm 1.0: kept
+    pruner = B.BMRSPruner(noises, "l2_norm", model=model, amount=0.05, l2_epoch_threshold=0.5)
+    hook, fake = BMRSHook(pruner, zero_pruned=True), _FakeModule(model)
+    hook.on_epoch_end(fake)
+    first = next(iter(noises.values()))
+    assert not first.mask[:30].any() and first.mask[30:].all()
+    assert (fc1.weight[:30] == 0).all()
+    fake.current_epoch = 1
+    hook.on_epoch_end(fake)
+    assert not first.mask[:30].any()  # norm 0 now: still cut
+    total = sum(n.units for n in noises.values())
+    norms = torch.cat(list(B.input_weight_norms(model, noises).values()))
+    masks = pruner.freeze()
+    assert sum(int((~m).sum()) for m in masks.values()) == int((norms <= torch.quantile(norms, 0.05)).sum())
+    # amount alone would cut 20 of the 400 units; the 30 cut while training stay cut: the final fraction exceeds
+    # amount, as in the authors' code
+    assert int(0.05 * (total - 1)) + 1 == 20 and sum(int((~m).sum()) for m in masks.values()) == 30
+    assert not masks[next(iter(noises))][:30].any()
+
+
+def test_zero_pruned_and_epoch_threshold_options_refused_where_they_do_not_apply():
+    with pytest.raises(ValueError, match=r"method.l2_epoch_threshold=0.5 with method.rule=bmrs_n"):
+        BMRSMethod(rule="bmrs_n", l2_epoch_threshold=0.5)
+    with pytest.raises(ValueError, match=r"method.l2_epoch_threshold=-1 with method.rule=l2_norm: a norm > 0"):
+        BMRSMethod(rule="l2_norm", amount=0.5, l2_epoch_threshold=-1)
+    with pytest.raises(ValueError, match=r"method.zero_pruned='yes': allowed values: true, false"):
+        BMRSMethod(zero_pruned="yes")
+    model, noises = _noisy("resnet20", (3, 32, 32))  # noise after BatchNorm: no plain chain
+    assert B.authors_params_removed(model, noises) is None
+    with pytest.raises(NotImplementedError, match="zero_pruned=true.*MLPs, LeNets"):
+        B.zero_cut_weights(model, noises)
+
+
+def test_authors_l2_with_per_epoch_cut_through_the_pipeline(make_cfg):
+    cfg = make_cfg("model=mlp", "model.hidden=[32,32]", "method=bmrs_l2", "method.amount=0.25",
+                   "method.l2_epoch_threshold=0.5", "method.zero_pruned=true", *BAYES)
+    res = run_pipeline(cfg)
+    info, final = res["stages"]["prune"]["method"], res["final"]
+    assert info["l2_epoch_threshold"] == 0.5 and info["zero_pruned"] is True
+    assert final["frac_units_removed"] >= 0.25 and info["compact_max_abs_diff"] < 1e-5

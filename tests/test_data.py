@@ -825,18 +825,26 @@ def test_public_api_exports() -> None:
         assert hasattr(pdata, name)
 
 
-def test_an_option_added_at_its_old_behaviour_keeps_the_run_id(make_cfg) -> None:
-    """method.residual_gates came after structured runs existed: at producers (what those runs computed) it is
-    out of the identity, so their folders are found again; block_output names another run."""
+@pytest.mark.parametrize("method,option,new_value", [
+    ("l2_norm", "residual_gates", "block_output"),
+    ("bmrs_n", "zero_pruned", "true"),
+    ("bmrs_l2", "l2_epoch_threshold", "0.5"),
+])
+def test_an_option_added_at_its_old_behaviour_keeps_the_run_id(make_cfg, method, option, new_value) -> None:
+    """Options that came after runs existed (method.residual_gates, BMRS's zero_pruned and l2_epoch_threshold):
+    at the value that computes what those runs did, the option is out of the identity, so their folders are
+    found again; another value names another run."""
     from omegaconf import open_dict
 
     from prunelab.config import identity, stable_hash
 
-    cfg = make_cfg("method=l2_norm", "schedule=oneshot", "logger=none", fast=False)
+    base = [f"method={method}", "logger=none"] + (["schedule=oneshot"] if method == "l2_norm" else
+                                                  ["schedule=bayesian"])
+    base += ["method.amount=0.5"] if method == "bmrs_l2" else []
+    cfg = make_cfg(*base, fast=False)
     before = cfg.copy()
     with open_dict(before):
-        del before.method["residual_gates"]  # the config as it was before the option existed
+        del before.method[option]  # the config as it was before the option existed
     assert stable_hash(identity(cfg)) == stable_hash(identity(before))
-    other = make_cfg("method=l2_norm", "schedule=oneshot", "logger=none", "method.residual_gates=block_output",
-                     fast=False)
+    other = make_cfg(*base, f"method.{option}={new_value}", fast=False)
     assert stable_hash(identity(other)) != stable_hash(identity(cfg))

@@ -28,7 +28,7 @@ def test_bmrs_fmnist_refuses_an_unknown_arm_before_running(tmp_path: Path):
     out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_bmrs_fmnist.sh")], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params l2_noisy none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
+    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params l2_noisy l2_noisy_epochs none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
     assert not runs.exists()  # nothing was started
 
 

@@ -51,7 +51,10 @@ __all__ = [
     "METHOD_RULES",
     "RULES",
     "TRAINED_L2",
+    "authors_cut_sites",
     "authors_params_removed",
+    "is_plain_chain",
+    "zero_cut_weights",
     "BMRSPruner",
     "LogNormalNoise",
     "delta_f_n",
@@ -541,31 +544,70 @@ def param_masks(
     return masks
 
 
-def authors_params_removed(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> tuple[int, int]:
-    """``(removed, total)`` parameters as the BMRS authors' code counts them for its "Comp %" column
-    (``get_true_parameter_compression_percent`` in ``modules/layers.py``), from each noise's ``mask``:
+def authors_cut_sites(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """``{noise name: (producer, reader)}`` as the BMRS authors' code pairs a noise layer with weights
+    (``get_num_removed_params`` in ``modules/layers.py``): the producer is the Linear/Conv before the noise; the
+    reader is the *next* Linear/Conv in module order, and only when its input dimension equals the number of
+    units -- across a flatten (LeNet-5's conv2 -> fc1) there is none. That pairing holds for plain chains (MLPs,
+    LeNets: noise after each activation) only: on a ResNet the next layer in module order is not what reads a
+    residual channel. :func:`is_plain_chain` says when it holds."""
+    layers = [m for m in model.modules() if isinstance(m, UNIT_TYPES)]
+    out = {}
+    for name, noise in noises.items():
+        producer = model.get_submodule(noise.site.layer)
+        after = layers.index(producer) + 1
+        reader = layers[after] if after < len(layers) and layers[after].weight.shape[1] == noise.units else None
+        out[name] = (producer, reader)
+    return out
 
-    - every pruned unit removes its row of the Linear/Conv before the noise and its two noise parameters;
-    - and the columns that read it in the *next* Linear/Conv (in module order), but only when that layer's input
-      dimension equals the number of units: across a flatten (LeNet-5's conv2 -> fc1) the columns stay counted;
-    - a pruned unit's bias is never counted as removed; ``total`` is every trainable parameter, noise included.
+
+def is_plain_chain(noises: Mapping[str, LogNormalNoise]) -> bool:
+    """Every noise follows its producer's activation (the ``activation`` placement of MLPs and LeNets): there
+    :func:`authors_cut_sites` pairs noises with weights as the authors' code does."""
+    return all(n.site is not None and n.attached_to == n.site.activation for n in noises.values())
+
+
+def authors_params_removed(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> tuple[int, int] | None:
+    """``(removed, total)`` parameters as the BMRS authors' ``get_true_parameter_compression_percent`` counts
+    them, from each noise's ``mask`` (the paper's "Comp %" is presumably this count: its table script reads a
+    metric of that name). ``None`` unless :func:`is_plain_chain`.
+
+    - every pruned unit removes its producer row and its two noise parameters, and its reader column where there
+      is one (:func:`authors_cut_sites`);
+    - a pruned unit's bias is never counted as removed; ``total`` is every trainable parameter, noise included;
+      a weight in both a pruned row and a pruned column is counted once.
 
     :func:`param_masks` (prunelab's ``frac_params_removed``) counts the bias and the columns after a flatten too,
-    so on LeNet-5 it removes more for the same masks. For MLPs and LeNets (noise after the activation); a
-    weight in both a pruned row and a pruned column is counted once."""
-    layers = [m for m in model.modules() if isinstance(m, UNIT_TYPES)]
-    gone = {id(m): torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device) for m in layers}
+    so on LeNet-5 it removes more for the same masks."""
+    if not is_plain_chain(noises):
+        return None
+    gone = {id(m): torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device)
+            for m in model.modules() if isinstance(m, UNIT_TYPES)}
     pruned_noise = 0
-    for noise in noises.values():
-        cut = ~noise.mask.bool().to(layers[0].weight.device)
+    for name, (producer, reader) in authors_cut_sites(model, noises).items():
+        cut = ~noises[name].mask.bool().to(producer.weight.device)
         pruned_noise += 2 * int(cut.sum())
-        producer = model.get_submodule(noise.site.layer)
         gone[id(producer)][cut] = True
-        after = layers.index(producer) + 1
-        if after < len(layers) and layers[after].weight.shape[1] == noise.units:
-            gone[id(layers[after])][:, cut] = True
+        if reader is not None:
+            gone[id(reader)][:, cut] = True
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return sum(int(g.sum()) for g in gone.values()) + pruned_noise, total
+
+
+@torch.no_grad()
+def zero_cut_weights(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> None:
+    """Zero, in place, the producer rows and reader columns (:func:`authors_cut_sites`) of every masked unit, as
+    the authors' ``get_true_parameter_compression_percent`` does to the weights after every epoch
+    (``method.zero_pruned=true``). A unit that comes back then restarts from zero incoming weights, and under an
+    incoming-norm rule a cut unit stays cut. Plain chains only (:func:`is_plain_chain`)."""
+    if not is_plain_chain(noises):
+        raise NotImplementedError("method.zero_pruned=true: the authors' in-place zeroing is defined for noise after "
+                                  "each activation (MLPs, LeNets), not for this placement")
+    for name, (producer, reader) in authors_cut_sites(model, noises).items():
+        cut = ~noises[name].mask.bool().to(producer.weight.device)
+        producer.weight[cut] = 0
+        if reader is not None:
+            reader.weight[:, cut] = 0
 
 
 def unit_param_counts(
@@ -597,9 +639,11 @@ class BMRSPruner:
     epoch; masks are recomputed from scratch from the current posteriors, so units can come back.
 
     ``rule``: ``bmrs_n`` (default), ``bmrs_u`` (``p`` = 8, or 4 for more pruning), ``snr`` or
-    ``expected_theta`` (baselines), or ``l2_norm``: the authors' L2 baseline, which prunes nothing while
-    training and, at :meth:`freeze`, the fraction ``amount`` of the units with the smallest incoming-weight
-    norms over the whole network (:func:`l2_scores`; needs ``model``). ``delta_f_n_variant``: ``"code"`` (default, the authors' released code,
+    ``expected_theta`` (baselines), or ``l2_norm``: the authors' L2 baseline, which cuts, at :meth:`freeze`,
+    the fraction ``amount`` of the units with the smallest incoming-weight norms over the whole network
+    (:func:`l2_scores`; needs ``model``) and, while training, nothing -- or, with ``l2_epoch_threshold``, every
+    unit whose norm is at most that (the authors' layer cuts at 0.5 after every epoch when run with their
+    default ``--compress_epochs 1``). ``delta_f_n_variant``: ``"code"`` (default, the authors' released code,
     which reproduces the published compression) or ``"paper"`` (Eq. 8, exact; see :func:`delta_f_n`); the
     choice is recorded in :meth:`stats` as ``delta_f_n_variant``.
     """
@@ -616,6 +660,7 @@ class BMRSPruner:
         model: nn.Module | None = None,
         example: torch.Tensor | None = None,
         amount: float | None = None,
+        l2_epoch_threshold: float | None = None,
     ) -> None:
         if rule not in METHOD_RULES:
             raise ValueError(f"rule must be one of {METHOD_RULES}, got {rule!r}")
@@ -635,17 +680,21 @@ class BMRSPruner:
             snr_threshold=snr_threshold,
             theta_threshold=theta_threshold,
         )
-        self.amount = amount
+        self.amount, self.l2_epoch_threshold = amount, l2_epoch_threshold
         self.frozen = False
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Per-unit prune scores (``Delta F`` for BMRS rules), float64."""
+    def scores(self, final: bool = False) -> dict[str, torch.Tensor]:
+        """Per-unit prune scores (``Delta F`` for BMRS rules), float64. ``l2_norm``: ``l2_epoch_threshold - norm``
+        while training, and the cut at ``amount`` (:func:`l2_scores`) when ``final``."""
         if self.rule == TRAINED_L2:
-            return l2_scores(input_weight_norms(self.model, self.noises), self.amount)
+            norms = input_weight_norms(self.model, self.noises)
+            if final:
+                return l2_scores(norms, self.amount)
+            return {n: self.l2_epoch_threshold - v for n, v in norms.items()}
         return {n: prune_scores(m, self.rule, **self.score_kwargs) for n, m in self.noises.items()}
 
-    def _apply(self) -> None:
-        for name, score in self.scores().items():
+    def _apply(self, scores: Mapping[str, torch.Tensor]) -> None:
+        for name, score in scores.items():
             self.noises[name].mask.copy_(score.lt(0).to(self.noises[name].mask.device))
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -653,17 +702,19 @@ class BMRSPruner:
         return {n: m.mask.clone() for n, m in self.noises.items()}
 
     def update_masks(self) -> dict[str, torch.Tensor]:
-        """Set every unit's mask to ``score < 0`` (prune iff ``Delta F >= 0``), from scratch; no-op once frozen,
-        and for ``l2_norm``, which prunes once, at :meth:`freeze`."""
-        if not self.frozen and self.rule != TRAINED_L2:
-            self._apply()
+        """Set every unit's mask to ``score < 0`` (prune iff ``Delta F >= 0``), from scratch; no-op once frozen.
+        ``l2_norm`` cuts here only with an ``l2_epoch_threshold`` (``norm <= threshold``); its cut at ``amount``
+        comes at :meth:`freeze`."""
+        if not self.frozen and (self.rule != TRAINED_L2 or self.l2_epoch_threshold is not None):
+            self._apply(self.scores())
         return self.masks()
 
     def freeze(self) -> dict[str, torch.Tensor]:
-        """Stop updating: the current masks become final (e.g. before fine-tuning). ``l2_norm`` makes its one
-        cut here, from the weights at the end of training."""
+        """Stop updating: the current masks become final (e.g. before fine-tuning). ``l2_norm`` makes its cut at
+        ``amount`` here, from the weights at the end of training, from scratch, as the authors' final
+        ``compress`` does (under ``zero_pruned`` a unit cut while training has norm 0 and stays cut)."""
         if not self.frozen and self.rule == TRAINED_L2:
-            self._apply()
+            self._apply(self.scores(final=True))
         self.frozen = True
         return self.masks()
 

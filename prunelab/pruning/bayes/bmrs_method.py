@@ -143,8 +143,8 @@ class BMRSHook(TrainHook):
     """Loss = cross-entropy + KL; noise parameters without weight decay; masks recomputed every epoch."""
 
     def __init__(self, pruner: B.BMRSPruner, kl_scaling: str = "layer_mean", n_train: int | None = None,
-                 noise_lr: float | None = None):
-        self.pruner, self.noise_lr = pruner, noise_lr
+                 noise_lr: float | None = None, zero_pruned: bool = False):
+        self.pruner, self.noise_lr, self.zero_pruned = pruner, noise_lr, zero_pruned
         self.kl_scaling, self.n_train = kl_scaling, n_train
         self.history: list[dict[str, Any]] = []
 
@@ -168,6 +168,8 @@ class BMRSHook(TrainHook):
 
     def on_epoch_end(self, module) -> dict[str, float]:
         self.pruner.update_masks()
+        if self.zero_pruned:  # the authors' code zeroes the cut units' rows and columns after every epoch
+            B.zero_cut_weights(module.model, self.noises)
         s = self.pruner.stats(module.model)
         entry = {"epoch": int(module.current_epoch), "units_kept": s["units_kept"],
                  "frac_units_removed": s["frac_units_removed"], "frac_params_removed": s["frac_params_removed"],
@@ -197,6 +199,11 @@ class BMRSMethod(TrainingMethod):
     pruned while training, then the fraction ``amount`` of the units with the smallest incoming-weight L2
     norms over the whole network (:func:`~prunelab.pruning.bayes.bmrs.l2_scores`); ``amount`` is for that rule
     only, and ``scripts/reproduce_bmrs_fmnist.sh`` sets it to BMRS_N's unit fraction of the same seed.
+    ``l2_epoch_threshold`` (``l2_norm`` only): also cut, after every epoch and from scratch, every unit whose
+    incoming norm is at most this (the authors' layer: 0.5, when run with their default ``--compress_epochs 1``).
+    ``zero_pruned``: after every epoch, zero the cut units' producer rows and reader columns in place, as the
+    authors' code does (:func:`~prunelab.pruning.bayes.bmrs.zero_cut_weights`; MLPs and LeNets). The default,
+    ``false``, keeps the weights, so a unit that comes back resumes where it was.
     ``delta_f_n``: ``code`` (default: ``Delta F_N`` as the authors' released code computes it, which reproduces
     the published compression) or ``paper`` (Eq. 8 as printed, the exact free-energy change, which prunes
     next to nothing; see :func:`~prunelab.pruning.bayes.bmrs.delta_f_n`). ``kl_scaling``: ``layer_mean`` (reference code: KL averaged within each layer, then across
@@ -215,7 +222,8 @@ class BMRSMethod(TrainingMethod):
     def __init__(self, rule: str = "bmrs_n", p: float = 8, delta_f_n: str = "code",
                  kl_scaling: str = "layer_mean", log_a: float = -20.0, log_b: float = 0.0, mu_init: float = 0.0,
                  log_sigma_init: float = -5.0, placement: str = "auto", sample_mode: str = "element",
-                 noise_lr: float | None = None, amount: float | None = None):
+                 noise_lr: float | None = None, amount: float | None = None,
+                 l2_epoch_threshold: float | None = None, zero_pruned: bool = False):
         check_choice("method.rule", rule, B.METHOD_RULES)
         if (rule == B.TRAINED_L2) != (amount is not None):
             raise ValueError(f"method.amount={amount} with method.rule={rule}: the fraction of units to prune is set "
@@ -223,6 +231,13 @@ class BMRSMethod(TrainingMethod):
         if amount is not None and not 0.0 < float(amount) < 1.0:
             raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
         self.amount = None if amount is None else float(amount)
+        if l2_epoch_threshold is not None and (rule != B.TRAINED_L2 or not float(l2_epoch_threshold) > 0):
+            raise ValueError(f"method.l2_epoch_threshold={l2_epoch_threshold} with method.rule={rule}: a norm > 0, "
+                             f"for rule={B.TRAINED_L2} (method=bmrs_l2) only")
+        self.l2_epoch_threshold = None if l2_epoch_threshold is None else float(l2_epoch_threshold)
+        if not isinstance(zero_pruned, bool):
+            raise ValueError(f"method.zero_pruned={zero_pruned!r}: allowed values: true, false")
+        self.zero_pruned = zero_pruned
         check_choice("method.kl_scaling", kl_scaling, KL_SCALINGS)
         check_choice("method.placement", placement, B.PLACEMENTS)
         check_choice("method.sample_mode", sample_mode, B.SAMPLE_MODES)
@@ -251,15 +266,18 @@ class BMRSMethod(TrainingMethod):
         noises = B.insert_noise(model, self.placement, example=example, log_a=self.log_a, log_b=self.log_b,
                                 init_mu=self.mu_init, init_log_sigma=self.log_sigma_init, sample_mode=self.sample_mode)
         pruner = B.BMRSPruner(noises, rule=self.rule, p=self.p, delta_f_n_variant=self.delta_f_n_variant, model=model,
-                              example=example, amount=self.amount)
+                              example=example, amount=self.amount, l2_epoch_threshold=self.l2_epoch_threshold)
+        if self.zero_pruned and not B.is_plain_chain(noises):
+            raise NotImplementedError(f"method.zero_pruned=true: the authors' in-place zeroing is defined for noise "
+                                      f"after each activation (MLPs, LeNets); placement={self.placement} here")
         n_train = train_set_size(ctx.datamodule) if self.kl_scaling == "elbo" else None
-        return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr)
+        return model, BMRSHook(pruner, self.kl_scaling, n_train, self.noise_lr, self.zero_pruned)
 
     def finish(self, ctx, model: nn.Module, hook: BMRSHook) -> Finished:
         pruner = hook.pruner
         masks = pruner.freeze()
         stats = pruner.stats(model)
-        authors_removed, authors_total = B.authors_params_removed(model, pruner.noises)
+        authors = B.authors_params_removed(model, pruner.noises)  # None off plain chains
         model.eval()
         device = next(model.parameters()).device
         example = torch.randn(4, *ctx.input_shape, device=device)
@@ -289,7 +307,7 @@ class BMRSMethod(TrainingMethod):
         record = {
             "rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant, "p": self.p,
             "kl_scaling": self.kl_scaling, "placement": self.placement, "noise_lr": self.noise_lr,
-            "amount": self.amount,
+            "amount": self.amount, "l2_epoch_threshold": self.l2_epoch_threshold, "zero_pruned": self.zero_pruned,
             "units_total": stats["units_total"], "units_removed": stats["units_pruned"],
             "frac_units_removed": stats["frac_units_removed"],
             "params_total_with_noise": stats["params_total"], "params_removed": stats["params_removed"],
@@ -306,7 +324,7 @@ class BMRSMethod(TrainingMethod):
             "final": {"rule": self.rule, "delta_f_n_variant": self.delta_f_n_variant,
                       "frac_units_removed": stats["frac_units_removed"],
                       "frac_params_removed": stats["frac_params_removed"],
-                      "frac_params_removed_authors": authors_removed / authors_total,
+                      "frac_params_removed_authors": None if authors is None else authors[0] / authors[1],
                       "units_total": stats["units_total"], "units_removed": stats["units_pruned"]},
         }
         log.info("BMRS %s (%s): %d / %d units removed (%.1f%%), %.1f%% of the parameters", self.rule,
