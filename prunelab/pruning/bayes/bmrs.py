@@ -71,7 +71,8 @@ __all__ = [
 
 RULES = ("bmrs_n", "bmrs_u", "snr", "expected_theta")  # decided by each unit's posterior, every epoch
 # The authors' L2 baseline (their LogUniformL2NormPruningLayer with --compression_percentage_file): the same
-# noise and KL while training, then one cut, at the end, by the L2 norm of each unit's incoming weights.
+# noise and KL while training, then a cut at the end by the L2 norm of each unit's incoming weights (and, with
+# BMRSPruner's l2_epoch_threshold, one after every epoch too).
 TRAINED_L2 = "l2_norm"
 METHOD_RULES = RULES + (TRAINED_L2,)
 # Delta F_N as the authors' released code computes it (the default: it reproduces the published compression)

@@ -10,8 +10,9 @@ Protocol (the paper's continuous pruning, Alg. 1, and the authors' ``train.py``)
 2. After every epoch (:meth:`BMRSHook.on_epoch_end`) every unit's mask is recomputed *from scratch* from the
    current posteriors (prune iff ``Delta F >= 0`` for ``bmrs_n``/``bmrs_u``; ``E[theta]/std < 1`` for
    ``snr``; ``E[theta] < 0.1`` for ``expected_theta``): a unit pruned in one epoch comes back when its
-   posterior moves away. ``l2_norm``, the authors' L2 baseline, prunes nothing while training and makes its
-   one cut by incoming-weight L2 norm when ``finish`` freezes the masks.
+   posterior moves away. ``l2_norm``, the authors' L2 baseline, makes its cut by incoming-weight L2 norm when
+   ``finish`` freezes the masks; while training it cuts only with ``l2_epoch_threshold``. With
+   ``zero_pruned`` the cut units' weights are then zeroed in place, as the authors' code does.
 3. ``finish``: masks frozen; the evaluation-mode noise ``E[theta] * mask`` is folded into the weights
    (:func:`fold_noise`: BatchNorm affine parameters, or the producing Linear/Conv's rows and bias when the
    noise follows a ReLU -- exact, ``relu(c z) = c relu(z)`` for ``c >= 0`` -- or, after any other activation
