@@ -10,7 +10,9 @@ without a BMRS rule appear as rule "none" (the dense baseline of scripts/reprodu
 targets a fraction of the parameters, ``<setting>_l2p``); they are listed under their setting. "l2_noisy" is
 ``method=bmrs_l2``, the authors' L2 baseline (trained with the noise, then cut by L2 norm at BMRS_N's unit
 fraction); "l2_noisy_epochs" is the same with their per-epoch cut at norm 0.5 (``--compress_epochs 1``). Which
-of the two the paper's L2 column ran is not in the authors' release.
+of the two the paper's L2 column ran is not in the authors' release. A run with ``method.zero_pruned=true`` (the
+authors' in-place zeroing) is its own arm, suffixed "_zeroed" (the script's l2_noisy_epochs arm appears as
+"l2_noisy_epochs_zeroed").
 
 PAPER holds the numbers the paper reports (Wright, Igel, Selvan, NeurIPS 2024, Table 1: parameter compression %
 and test accuracy, mean of 10 runs). They could not be retrieved when this script was written (no network
@@ -68,6 +70,9 @@ def labelled(dirs: list[str]):
     if "config.method.l2_epoch_threshold" in runs:  # ... cutting at a norm after every epoch too
         runs.loc[runs["config.method.l2_epoch_threshold"].notna() & (runs["rule_"] == "l2_noisy"),
                  "rule_"] = "l2_noisy_epochs"
+    if "config.method.zero_pruned" in runs:  # the authors' in-place zeroing: another arm, not another seed
+        zeroed = runs["config.method.zero_pruned"].fillna(False).astype(bool)
+        runs.loc[zeroed, "rule_"] = runs.loc[zeroed, "rule_"] + "_zeroed"
     if "config.method.target_kind" in runs:  # L2 at BMRS_N's fraction of the parameters rather than of the units
         runs.loc[l2 & (runs["config.method.target_kind"] == "params"), "rule_"] = "l2_params"
     # fractions removed: a BMRS rule records them (over the noisy model); a one-shot L2 arm's come from its compaction
@@ -129,7 +134,8 @@ def newest_per_seed(runs):
 
 
 def arm_name(rule: str, p) -> str:
-    return rule if rule != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}"
+    base, zeroed = (rule[: -len("_zeroed")], "_zeroed") if rule.endswith("_zeroed") else (rule, "")
+    return (base if base != "bmrs_u" or p != p or float(p) == 8 else f"bmrs_u{int(float(p))}") + zeroed
 
 
 def per_run_csv(runs) -> str:

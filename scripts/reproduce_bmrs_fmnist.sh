@@ -59,7 +59,8 @@ def removed(f):  # BMRS_N's fraction of units, or of the plain (folded, compacte
 # newest last: a seed's BMRS_N run re-run under a new folder is read as bmrs_table.py keeps it
 fracs = [removed(r["final"]) for p in sorted(Path(sys.argv[1]).rglob("results.json"), key=lambda p: p.stat().st_mtime)
          if (r := json.loads(p.read_text()))["config"]["seed"] == int(sys.argv[2])
-         and r["final"].get("rule") == "bmrs_n" and r["final"].get("delta_f_n_variant") == "code"]
+         and r["final"].get("rule") == "bmrs_n" and r["final"].get("delta_f_n_variant") == "code"
+         and not r["config"]["method"].get("zero_pruned", False)]
 print(f"{fracs[-1]:.4f}" if fracs else "")
 PY
 )

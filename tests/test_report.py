@@ -275,3 +275,16 @@ def test_latex_formats_and_no_constant_columns(sweep, tmp_path):
 def test_number_formats():
     assert [sig3(x) for x in (10.0, 123.4, 1234.0, 0.012345, 3.0)] == ["10.0", "123", "1230", "0.0123", "3.00"]
     assert [si3(x) for x in (53240, 4586000, 999, 1.2e10)] == ["53.2k", "4.59M", "999", "12.0G"]
+
+
+def test_an_option_missing_from_older_runs_reads_as_its_default():
+    """config.IDENTITY_DEFAULTS: a run recorded before method.zero_pruned existed computed zero_pruned=false, so a
+    sweep mixing it with newer runs at false has no zero_pruned axis; a run at true does make one."""
+    from prunelab.report.collect import varied_columns
+
+    runs = pd.DataFrame({"config.method.rule": ["bmrs_n"] * 3, "config.seed": [0, 1, 2],
+                         "config.method.zero_pruned": [float("nan"), False, False],
+                         "config.method.l2_epoch_threshold": [float("nan"), None, None]})
+    assert varied_columns(runs) == []
+    runs.loc[2, "config.method.zero_pruned"] = True
+    assert varied_columns(runs) == ["config.method.zero_pruned"]

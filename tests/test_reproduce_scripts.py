@@ -67,10 +67,16 @@ def test_bmrs_table_counts_each_seed_once(tmp_path: Path, capsys):
     run("d", 0, 0.30, 3000, l2=True)
     run("e", 0, 0.40, 1000, l2=True)
     run("f", 0, 0.60, 1000, rule="l2_norm")  # method=bmrs_l2: the authors' L2 arm, its own arm
+    run("g", 0, 0.90, 4000)  # BMRS_N seed 0 again, with the authors' in-place zeroing: another arm, not a re-run
+    doc = json.loads((tmp_path / "g" / "results.json").read_text())
+    doc["config"]["method"]["zero_pruned"] = True
+    (tmp_path / "g" / "results.json").write_text(json.dumps(doc))
+    os.utime(tmp_path / "g" / "results.json", (4000, 4000))
     runs, _ = load_script("bmrs_table").labelled([str(tmp_path)])
-    assert sorted(runs["run_id"]) == ["b", "c", "d", "f"]
+    assert sorted(runs["run_id"]) == ["b", "c", "d", "f", "g"]
     assert "2 run(s) left out" in capsys.readouterr().err
     text = load_script("bmrs_table").table([str(tmp_path)])
     assert "| bmrs_mlp | bmrs_n (code) | 2 | 75.0 ± 7.1 |" in text
     assert "| bmrs_mlp | l2_noisy | 1 | 60.0 | n/a | 40.0 | 45.0 |" in text
+    assert "| bmrs_mlp | bmrs_n_zeroed | 1 | 90.0 |" in text
     assert "2 run(s) left out, superseded" in text and str(tmp_path / "a") in text

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from prunelab.config import NON_IDENTITY, NON_IDENTITY_SUBKEYS
+from prunelab.config import IDENTITY_DEFAULTS, NON_IDENTITY, NON_IDENTITY_SUBKEYS
 from prunelab.runinfo import GROUPS
 
 
@@ -122,6 +122,17 @@ def _non_identity(col: str) -> bool:
     return len(parts) > 2 and parts[2] in NON_IDENTITY_SUBKEYS.get(parts[1], ())
 
 
+def _as_identity(col: str, values: pd.Series) -> pd.Series:
+    """An option added after runs existed (prunelab.config.IDENTITY_DEFAULTS) is missing from the older runs,
+    which computed its default: read a missing value as the default, so old and new runs of one setting do not
+    look like two settings."""
+    parts = col.split(".")
+    old = IDENTITY_DEFAULTS.get(parts[1], {}) if len(parts) == 3 and parts[0] == "config" else {}
+    if parts[-1] not in old:
+        return values
+    return values.map(lambda v: old[parts[-1]] if v is None or (isinstance(v, float) and v != v) else v)
+
+
 def varied_columns(runs: pd.DataFrame) -> list[str]:
     """Config columns whose value differs across runs (the sweep's axes): settings that change results only,
     seeds (``seed`` and every ``*.seed``, which follow it) and path-valued settings excluded."""
@@ -129,7 +140,7 @@ def varied_columns(runs: pd.DataFrame) -> list[str]:
     for c in runs.columns:
         if _non_identity(c) or _is_seed(c) or _is_path(c, runs[c]):
             continue
-        if runs[c].astype(str).nunique(dropna=False) > 1:
+        if _as_identity(c, runs[c]).astype(str).nunique(dropna=False) > 1:
             cols.append(c)
     return cols
 

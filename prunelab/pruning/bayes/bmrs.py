@@ -564,7 +564,9 @@ def authors_cut_sites(model: nn.Module, noises: Mapping[str, LogNormalNoise]) ->
 
 def is_plain_chain(noises: Mapping[str, LogNormalNoise]) -> bool:
     """Every noise follows its producer's activation (the ``activation`` placement of MLPs and LeNets): there
-    :func:`authors_cut_sites` pairs noises with weights as the authors' code does."""
+    :func:`authors_cut_sites` pairs noises with weights as the authors' code does. Judged by the placement, not
+    by tracing: a branching network with noise after its activations (SqueezeNet, say) passes, and gets the
+    authors' module-order rule, which their code never applied to such a network."""
     return all(n.site is not None and n.attached_to == n.site.activation for n in noises.values())
 
 
@@ -599,8 +601,9 @@ def authors_params_removed(model: nn.Module, noises: Mapping[str, LogNormalNoise
 def zero_cut_weights(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> None:
     """Zero, in place, the producer rows and reader columns (:func:`authors_cut_sites`) of every masked unit, as
     the authors' ``get_true_parameter_compression_percent`` does to the weights after every epoch
-    (``method.zero_pruned=true``). A unit that comes back then restarts from zero incoming weights, and under an
-    incoming-norm rule a cut unit stays cut. Plain chains only (:func:`is_plain_chain`)."""
+    (``method.zero_pruned=true``). A unit that comes back then restarts from (near) zero incoming weights, and
+    under an incoming-norm rule a cut unit stays cut: Adam's stale moments move a zeroed weight a little during
+    the next epoch, in both codes, but not back above a threshold. Plain chains only (:func:`is_plain_chain`)."""
     if not is_plain_chain(noises):
         raise NotImplementedError("method.zero_pruned=true: the authors' in-place zeroing is defined for noise after "
                                   "each activation (MLPs, LeNets), not for this placement")
@@ -685,11 +688,12 @@ class BMRSPruner:
         self.frozen = False
 
     def scores(self, final: bool = False) -> dict[str, torch.Tensor]:
-        """Per-unit prune scores (``Delta F`` for BMRS rules), float64. ``l2_norm``: ``l2_epoch_threshold - norm``
-        while training, and the cut at ``amount`` (:func:`l2_scores`) when ``final``."""
+        """Per-unit prune scores (``Delta F`` for BMRS rules), float64. ``l2_norm``: the cut at ``amount``
+        (:func:`l2_scores`) when ``final`` or without an ``l2_epoch_threshold``; ``l2_epoch_threshold - norm``
+        otherwise (the per-epoch cut)."""
         if self.rule == TRAINED_L2:
             norms = input_weight_norms(self.model, self.noises)
-            if final:
+            if final or self.l2_epoch_threshold is None:
                 return l2_scores(norms, self.amount)
             return {n: self.l2_epoch_threshold - v for n, v in norms.items()}
         return {n: prune_scores(m, self.rule, **self.score_kwargs) for n, m in self.noises.items()}
