@@ -51,7 +51,7 @@ __all__ = [
     "METHOD_RULES",
     "RULES",
     "TRAINED_L2",
-    "authors_cut_sites",
+    "authors_cut_weights",
     "authors_params_removed",
     "is_plain_chain",
     "zero_cut_weights",
@@ -474,13 +474,18 @@ def input_weight_norms(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -
     return out
 
 
+def check_amount(amount: float) -> None:
+    """The fraction of units the L2 rule prunes must be in (0, 1)."""
+    if not 0.0 < float(amount) < 1.0:
+        raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
+
+
 def l2_scores(norms: Mapping[str, torch.Tensor], amount: float) -> dict[str, torch.Tensor]:
     """Per-unit score ``t - ||w_u||``, the unit pruned iff score >= 0 (the convention of :func:`prune_scores`),
     with one threshold ``t`` over every layer's units: the ``amount`` quantile of all the norms, linearly
     interpolated. That is the authors' ``np.percentile(all norms, 100 * amount)`` with ``mask = norm > t``: with
     ``n`` distinct norms, ``floor(amount (n - 1)) + 1`` units are pruned, about a fraction ``amount``."""
-    if not 0.0 < amount < 1.0:
-        raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
+    check_amount(amount)
     t = torch.quantile(torch.cat([v.reshape(-1) for v in norms.values()]), float(amount))
     return {n: t - v for n, v in norms.items()}
 
@@ -545,73 +550,61 @@ def param_masks(
     return masks
 
 
-def authors_cut_sites(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[str, tuple[nn.Module, nn.Module | None]]:
-    """``{noise name: (producer, reader)}`` as the BMRS authors' code pairs a noise layer with weights
-    (``get_num_removed_params`` in ``modules/layers.py``): the producer is the Linear/Conv before the noise; the
-    reader is the *next* Linear/Conv in module order, and only when its input dimension equals the number of
-    units -- across a flatten (LeNet-5's conv2 -> fc1) there is none. That pairing holds for plain chains (MLPs,
-    LeNets: noise after each activation) only: on a ResNet the next layer in module order is not what reads a
-    residual channel. :func:`is_plain_chain` says when it holds."""
-    layers = [m for m in model.modules() if isinstance(m, UNIT_TYPES)]
-    out = {}
-    for name, noise in noises.items():
-        producer = model.get_submodule(noise.site.layer)
-        after = layers.index(producer) + 1
-        reader = layers[after] if after < len(layers) and layers[after].weight.shape[1] == noise.units else None
-        out[name] = (producer, reader)
-    return out
-
-
 def is_plain_chain(noises: Mapping[str, LogNormalNoise]) -> bool:
-    """Every noise follows its producer's activation (the ``activation`` placement of MLPs and LeNets): there
-    :func:`authors_cut_sites` pairs noises with weights as the authors' code does. Judged by the placement, not
+    """Every noise follows its producer's activation (the ``activation`` placement of MLPs and LeNets), where
+    :func:`authors_cut_weights` pairs noises with weights as the authors' code does. Judged by the placement, not
     by tracing: a branching network with noise after its activations (SqueezeNet, say) passes, and gets the
     authors' module-order rule, which their code never applied to such a network."""
     return all(n.site is not None and n.attached_to == n.site.activation for n in noises.values())
 
 
+def authors_cut_weights(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> dict[nn.Module, torch.Tensor]:
+    """``{Linear/Conv: bool tensor shaped like its weight}``, True where the BMRS authors' code removes a weight
+    for the noises' masks (``get_num_removed_params`` in ``modules/layers.py``): the pruned units' rows of the
+    producer (the Linear/Conv before the noise), and their columns of the *next* Linear/Conv in module order,
+    only when its input dimension equals the number of units -- so none across a flatten (LeNet-5's
+    conv2 -> fc1). Biases never. One rule for both uses of it, as in their code, where the count is of the weights
+    this zeroes: :func:`authors_params_removed` and :func:`zero_cut_weights`. Plain chains only
+    (:func:`is_plain_chain`): on a ResNet the next layer in module order is not what reads a residual channel."""
+    if not is_plain_chain(noises):
+        raise NotImplementedError("the BMRS authors' pairing of noise and weights is defined for noise after each "
+                                  "activation (MLPs, LeNets), not for this placement")
+    layers = [m for m in model.modules() if isinstance(m, UNIT_TYPES)]
+    cut_at = {m: torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device) for m in layers}
+    for noise in noises.values():
+        producer = model.get_submodule(noise.site.layer)
+        cut = ~noise.mask.bool().to(producer.weight.device)
+        cut_at[producer][cut] = True
+        after = layers.index(producer) + 1
+        if after < len(layers) and layers[after].weight.shape[1] == noise.units:
+            cut_at[layers[after]][:, cut] = True
+    return cut_at
+
+
 def authors_params_removed(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> tuple[int, int] | None:
     """``(removed, total)`` parameters as the BMRS authors' ``get_true_parameter_compression_percent`` counts
     them, from each noise's ``mask`` (the paper's "Comp %" is presumably this count: its table script reads a
-    metric of that name). ``None`` unless :func:`is_plain_chain`.
-
-    - every pruned unit removes its producer row and its two noise parameters, and its reader column where there
-      is one (:func:`authors_cut_sites`);
-    - a pruned unit's bias is never counted as removed; ``total`` is every trainable parameter, noise included;
-      a weight in both a pruned row and a pruned column is counted once.
+    metric of that name): the weights of :func:`authors_cut_weights` plus two noise parameters per pruned unit;
+    ``total`` is every trainable parameter, noise included. ``None`` unless :func:`is_plain_chain`.
 
     :func:`param_masks` (prunelab's ``frac_params_removed``) counts the bias and the columns after a flatten too,
     so on LeNet-5 it removes more for the same masks."""
     if not is_plain_chain(noises):
         return None
-    gone = {id(m): torch.zeros(m.weight.shape, dtype=torch.bool, device=m.weight.device)
-            for m in model.modules() if isinstance(m, UNIT_TYPES)}
-    pruned_noise = 0
-    for name, (producer, reader) in authors_cut_sites(model, noises).items():
-        cut = ~noises[name].mask.bool().to(producer.weight.device)
-        pruned_noise += 2 * int(cut.sum())
-        gone[id(producer)][cut] = True
-        if reader is not None:
-            gone[id(reader)][:, cut] = True
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return sum(int(g.sum()) for g in gone.values()) + pruned_noise, total
+    weights = sum(int(c.sum()) for c in authors_cut_weights(model, noises).values())
+    noise_params = 2 * sum(int((~n.mask.bool()).sum()) for n in noises.values())
+    return weights + noise_params, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @torch.no_grad()
 def zero_cut_weights(model: nn.Module, noises: Mapping[str, LogNormalNoise]) -> None:
-    """Zero, in place, the producer rows and reader columns (:func:`authors_cut_sites`) of every masked unit, as
-    the authors' ``get_true_parameter_compression_percent`` does to the weights after every epoch
-    (``method.zero_pruned=true``). A unit that comes back then restarts from (near) zero incoming weights, and
-    under an incoming-norm rule a cut unit stays cut: Adam's stale moments move a zeroed weight a little during
-    the next epoch, in both codes, but not back above a threshold. Plain chains only (:func:`is_plain_chain`)."""
-    if not is_plain_chain(noises):
-        raise NotImplementedError("method.zero_pruned=true: the authors' in-place zeroing is defined for noise after "
-                                  "each activation (MLPs, LeNets), not for this placement")
-    for name, (producer, reader) in authors_cut_sites(model, noises).items():
-        cut = ~noises[name].mask.bool().to(producer.weight.device)
-        producer.weight[cut] = 0
-        if reader is not None:
-            reader.weight[:, cut] = 0
+    """Zero, in place, the weights of :func:`authors_cut_weights`, as the authors'
+    ``get_true_parameter_compression_percent`` does after every epoch (``method.zero_pruned=true``). A unit that
+    comes back then restarts from (near) zero incoming weights, and under an incoming-norm rule a cut unit stays
+    cut: Adam's stale moments move a zeroed weight a little during the next epoch, in both codes, but not back
+    above a threshold."""
+    for layer, cut in authors_cut_weights(model, noises).items():
+        layer.weight[cut] = 0
 
 
 def unit_param_counts(

@@ -229,8 +229,8 @@ class BMRSMethod(TrainingMethod):
         if (rule == B.TRAINED_L2) != (amount is not None):
             raise ValueError(f"method.amount={amount} with method.rule={rule}: the fraction of units to prune is set "
                              f"for rule={B.TRAINED_L2} (method=bmrs_l2) and only for it")
-        if amount is not None and not 0.0 < float(amount) < 1.0:
-            raise ValueError(f"method.amount={amount}: the fraction of units to prune must be in (0, 1)")
+        if amount is not None:
+            B.check_amount(amount)
         self.amount = None if amount is None else float(amount)
         if l2_epoch_threshold is not None and (rule != B.TRAINED_L2 or not float(l2_epoch_threshold) > 0):
             raise ValueError(f"method.l2_epoch_threshold={l2_epoch_threshold} with method.rule={rule}: a norm > 0, "
