@@ -28,8 +28,49 @@ def test_bmrs_fmnist_refuses_an_unknown_arm_before_running(tmp_path: Path):
     out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_bmrs_fmnist.sh")], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params l2_noisy l2_noisy_epochs none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
+    assert "ARMS: unknown arm 'bmrs_x'; allowed: bmrs_n l2 l2_params l2_noisy bmrs_n_zeroed l2_noisy_epochs none bmrs_u8 bmrs_u4 snr expected_theta" in out.stderr
     assert not runs.exists()  # nothing was started
+
+
+def test_bmrs_fmnist_l2_arms_read_the_fraction_of_their_own_bmrs_n_arm(tmp_path: Path):
+    """Each L2 arm runs at the unit fraction of the BMRS_N run of its seed made under the same protocol: the
+    authors' per-epoch L2 (zeroing) at the zeroing BMRS_N's, every other L2 arm at the plain BMRS_N's; an arm
+    whose BMRS_N run is missing is skipped and makes the script fail. The runs are stand-ins: PRUNELAB is a
+    script that records its arguments."""
+    import json
+    import sys
+
+    runs = tmp_path / "runs"
+    sweep = runs / "outputs" / "multirun" / "bmrs_mlp_fashion_mnist"
+    for folder, zeroed, frac in (("plain", False, 0.8), ("zeroed", True, 0.6)):
+        (sweep / folder).mkdir(parents=True)
+        (sweep / folder / "results.json").write_text(json.dumps({
+            "config": {"seed": 0, "method": {"zero_pruned": zeroed}},
+            "final": {"rule": "bmrs_n", "delta_f_n_variant": "code", "frac_units_removed": frac,
+                      "params_after": 10, "params_before": 100}}))
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_prunelab"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "RUNS": str(runs), "PRUNELAB": str(fake), "PYTHON": sys.executable,
+           "SETTINGS": "mlp_fashion_mnist", "SEEDS": "0 1",
+           "ARMS": "bmrs_n_zeroed l2_noisy l2_noisy_epochs l2_params"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_bmrs_fmnist.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    lines = calls.read_text().splitlines()
+    seed0 = [line for line in lines if "seed=0" in line]
+    assert any("method=bmrs_n method.zero_pruned=true" in line for line in seed0)
+    (noisy,) = [line for line in seed0 if "method=bmrs_l2" in line and "l2_epoch_threshold" not in line]
+    assert "method.amount=0.8000" in noisy and "zero_pruned" not in noisy
+    (epochs,) = [line for line in seed0 if "method.l2_epoch_threshold=0.5" in line]
+    assert "method.amount=0.6000" in epochs and "method.zero_pruned=true" in epochs
+    (params,) = [line for line in seed0 if "method=l2_norm" in line]
+    assert "method.target_kind=params" in params and "method.amount=0.9000" in params
+    # seed 1 has no BMRS_N run of either kind: its L2 arms are skipped, each named, and the script fails
+    assert not [line for line in lines if "seed=1" in line and ("method=bmrs_l2" in line or "method=l2_norm" in line)]
+    assert "seed 1: no bmrs_n_zeroed result (run the bmrs_n_zeroed arm first), l2_noisy_epochs arm skipped" in out.stderr
+    assert "seed 1: no bmrs_n result (run the bmrs_n arm first), l2_noisy arm skipped" in out.stderr
+    assert out.returncode == 1
 
 
 def test_connectivity_fmnist_refuses_an_unknown_group_before_running(tmp_path: Path):
