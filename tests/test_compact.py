@@ -3,12 +3,15 @@ and its predicted cost (CostModel) is exact; save/load and ONNX export."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from prunelab.metrics.latency import count_flops, count_params, measure_latency
 from prunelab.models import build_model
+from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.units.compact import CostModel, compact, export_onnx, load_compact, save_compact
 from prunelab.pruning.units.gates import Gates
 from prunelab.pruning.units.groups import build_groups, param_masks
@@ -201,3 +204,72 @@ def test_measure_latency_reports_medians():
     assert set(out) == {"latency_ms_b1", "latency_ms_b4"}
     assert all(v > 0 for v in out.values())
     assert model.training  # mode restored
+
+
+# -- sparsity of a compacted model (what the prune stage of BMRS / DLLP records) ----------------------------
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+def _compacted(keep: dict[str, torch.Tensor]):
+    from prunelab.pruning.units.compact import compact_units
+    from prunelab.pruning.units.sites import layer_sites, site_param_masks
+
+    model, x = _mlp(), torch.randn(2, 6)
+    sites = layer_sites(model, example=x)
+    with torch.no_grad():  # the pruned units' parameters are zero, as compact_units requires
+        MaskSet(site_param_masks(model, sites, keep, x)).apply(model)
+    small, left, _ = compact_units(model, keep, sites, x)
+    return model, small, left
+
+
+def test_compacted_sparsity_without_kept_units_is_the_fraction_removed():
+    from prunelab.pipeline.context import compacted_sparsity
+
+    model, small, left = _compacted({"0": torch.tensor([1, 0, 1, 0, 1]).bool(), "2": torch.ones(4, dtype=torch.bool)})
+    assert left is None
+    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    sp = compacted_sparsity(before, after, small, left, (6,))
+    assert after == before - 2 * (6 + 1 + 4)  # two units: their rows, biases and the next layer's columns
+    assert sp["params/remaining"] == after and sp["layer_collapse"] == 0.0
+    assert sp["sparsity/direct"] == sp["sparsity/effective"] == pytest.approx(1 - after / before)
+
+
+def test_compacted_sparsity_of_an_emptied_layer_is_a_collapse():
+    """Every unit of the second hidden layer pruned: the compaction keeps one of them, zero and masked (a
+    layer never loses all its units), so the network's output is a constant. That is a collapse (effective
+    sparsity 1, compression inf), not the 1 - after/before that the kept zero unit would make look connected;
+    the direct count includes the kept unit's masked entries."""
+    from prunelab.pipeline.context import compacted_sparsity
+
+    model, small, left = _compacted({"0": torch.ones(5, dtype=torch.bool), "2": torch.zeros(4, dtype=torch.bool)})
+    assert left is not None and small[2].out_features == 1
+    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    masked = left.numel() - left.remaining()
+    assert masked == 5 + 1 + 3  # the kept unit's row, bias and column in the classifier
+    sp = compacted_sparsity(before, after, small, left, (6,))
+    assert sp["layer_collapse"] == 1.0
+    assert sp["params/remaining"] == after - masked
+    assert sp["sparsity/direct"] == pytest.approx(1 - (after - masked) / before)
+    assert sp["sparsity/effective"] == 1.0 and sp["compression/effective"] == math.inf
+    with torch.no_grad():  # and the network is indeed constant
+        out = small(torch.randn(8, 6))
+    assert torch.allclose(out, out[:1].expand_as(out))
+
+
+def test_compacted_sparsity_counts_weights_cut_off_by_kept_units():
+    """A kept, masked unit whose incoming weights are masked but whose outgoing column is not: that column
+    is on no input -> output path, so it is counted in the effective sparsity and not in the direct one."""
+    from prunelab.pipeline.context import compacted_sparsity
+
+    model = _mlp()
+    w, b = torch.ones(5, 6, dtype=torch.bool), torch.ones(5, dtype=torch.bool)
+    w[1], b[1] = False, False
+    masks = MaskSet({"0.weight": w, "0.bias": b})
+    before = sum(p.numel() for p in model.parameters())
+    sp = compacted_sparsity(before + 10, before, model, masks, (6,))  # as if 10 parameters had been removed
+    assert sp["layer_collapse"] == 0.0
+    assert sp["params/remaining"] == before - 7
+    assert sp["sparsity/direct"] == pytest.approx(1 - (before - 7) / (before + 10))
+    assert sp["sparsity/effective"] == pytest.approx(1 - (before - 7 - 4) / (before + 10))  # unit 1's column

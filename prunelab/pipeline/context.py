@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,40 @@ log = logging.getLogger(__name__)
 
 def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def compacted_sparsity(params_before: int, params_after: int, model: nn.Module | None, masks: MaskSet | None,
+                       input_shape) -> dict[str, Any]:
+    """Direct and effective sparsity of a compacted model against the dense one (``params/total``,
+    ``params/remaining``, ``sparsity/...``, ``compression/...``, ``layer_collapse``).
+
+    Without ``masks`` every pruned unit was removed: the model is dense, and since a compaction never removes
+    every unit of a layer, every remaining weight lies on an input -> output path; both sparsities are the
+    fraction of the parameters removed. ``masks`` (over ``model``'s parameters) hold the pruned units the
+    compaction kept, zero: units a residual addition still reads, and the one unit a layer keeps when every
+    one of its units was pruned. Their entries count as removed (direct), and the effective sparsity follows
+    the paths through the unmasked conv / linear weights (:func:`~prunelab.pruning.effective.
+    effective_sparsity_report`): a layer whose units were all pruned leaves no path, and the network is
+    recorded as collapsed (``layer_collapse``, effective sparsity 1, compression inf), not as a
+    ``1 - after / before`` that the kept zero unit would make look connected."""
+    remaining = params_after
+    effective = params_after
+    collapse = False
+    if masks is not None and model is not None:
+        remaining -= masks.numel() - masks.remaining()
+        weights = MaskSet.from_model(model)
+        full = {n: masks[n] if n in masks else m for n, m in weights.items()}
+        eff = effective_sparsity_report(model, full, input_shape)
+        collapse = bool(eff["layer_collapse"])
+        effective = 0 if collapse else remaining - (eff["remaining"] - eff["effective_remaining"])
+    return {
+        "params/total": params_before, "params/remaining": remaining,
+        "sparsity/direct": 1.0 - remaining / params_before,
+        "compression/direct": params_before / remaining if remaining else math.inf,
+        "sparsity/effective": 1.0 - effective / params_before,
+        "compression/effective": params_before / effective if effective else math.inf,
+        "layer_collapse": float(collapse),
+    }
 
 
 @dataclass
@@ -226,24 +261,24 @@ class RunContext:
                                          min_run_time=float(m.get("min_run_time", 0.2))))
         return out
 
-    def structure_metrics(self, before: dict[str, float], after: dict[str, float], stage: str) -> dict[str, Any]:
-        """``<stage>/params/total|remaining``, ``<stage>/flops/dense|remaining`` (read by the ``final`` block
-        like the unstructured ones) and ``<stage>/structure/<cost>_before|_after`` plus the FLOPs reduction
-        ratio and, when latency was measured, per batch size ``speedup_b<B>`` (median before / median after)
-        and ``speedup_spread_b<B>`` (its relative spread), ``latency_threads``, and ``speedup_plausible`` /
-        ``latency_warning`` from :func:`~prunelab.metrics.latency.check_speedup` (a warning is logged)."""
+    def structure_metrics(self, before: dict[str, float], after: dict[str, float], stage: str,
+                          model: nn.Module | None = None, masks: MaskSet | None = None) -> dict[str, Any]:
+        """``<stage>/params/total|remaining``, ``<stage>/flops/dense|remaining``, ``<stage>/sparsity/direct|
+        effective``, ``<stage>/compression/direct|effective`` and ``<stage>/layer_collapse`` (read by the
+        ``final`` block like the unstructured ones), and ``<stage>/structure/<cost>_before|_after`` plus the
+        FLOPs reduction ratio and, when latency was measured, per batch size ``speedup_b<B>`` (median before /
+        median after) and ``speedup_spread_b<B>`` (its relative spread), ``latency_threads``, and
+        ``speedup_plausible`` / ``latency_warning`` from :func:`~prunelab.metrics.latency.check_speedup` (a
+        warning is logged). ``model``, ``masks``: the compacted model and the pruned units it still holds
+        (:func:`~prunelab.pruning.units.compact.compact_units`); see :func:`compacted_sparsity`."""
         s = f"{stage}/structure"
         flops_ratio = before["flops"] / max(1, after["flops"])
         out: dict[str, Any] = {
-            f"{stage}/params/total": before["params"], f"{stage}/params/remaining": after["params"],
             f"{stage}/flops/dense": before["flops"], f"{stage}/flops/remaining": after["flops"],
             f"{s}/flops_ratio": flops_ratio, f"{s}/params_ratio": before["params"] / max(1, after["params"])}
-        # A compacted model is dense: its direct sparsity is the fraction of the parameters removed, and
-        # every remaining weight is connected, so the effective sparsity is the same.
-        removed = 1.0 - after["params"] / before["params"]
-        for kind in ("direct", "effective"):
-            out[f"{stage}/sparsity/{kind}"] = removed
-            out[f"{stage}/compression/{kind}"] = before["params"] / max(1, after["params"])
+        sp = compacted_sparsity(before["params"], after["params"], model, masks,
+                                self.input_shape if masks is not None else None)
+        out.update({f"{stage}/{k}": v for k, v in sp.items()})
         for key in before:
             if key == "latency_threads":
                 out[f"{s}/latency_threads"] = before[key]

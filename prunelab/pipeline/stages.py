@@ -162,7 +162,7 @@ def method_prune_stage(ctx: RunContext, model: nn.Module, stage: str = "prune", 
         small, masks, info = method.finish(ctx, module.model, hook)
     prune_time = time.perf_counter() - start
     after = ctx.cost(small)
-    metrics = {**ctx.structure_metrics(before, after, stage),
+    metrics = {**ctx.structure_metrics(before, after, stage, small, masks),
                **{f"{stage}/{k}": v for k, v in info.pop("metrics", {}).items()},
                **ctx.evaluate(small, stage), f"{stage}/time_s": prune_time, f"{stage}/train_time_s": train_time}
     record = {"metrics": metrics, "method": info}
