@@ -44,6 +44,18 @@ def structured_run(tmp_path_factory) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+@pytest.fixture(scope="module")
+def compacted_with_kept_units(tmp_path_factory) -> Path:
+    """A structured run whose compaction keeps pruned units, zero and masked: ResNet-20 with the authors' L2
+    cut over half the units (residual-read units stay; a layer cut whole keeps one)."""
+    root = tmp_path_factory.mktemp("kept_units")
+    cfg = compose_config(root, FAST + ["model=resnet20", "data.input_shape=[3,32,32]", "method=bmrs_l2",
+                                       "method.amount=0.5", "schedule=bayesian", "schedule.epochs=1",
+                                       "measure.latency=false"])
+    run_pipeline(cfg)
+    return Path(cfg.paths.output_dir)
+
+
 def _final(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())["final"]
 
@@ -148,3 +160,19 @@ def test_prunelab_eval_error_exit(structured_run, capsys):
     assert code.value.code == 2
     assert "prunelab-eval: error: 'method=snip' cannot be changed" in capsys.readouterr().err
 
+
+
+def test_eval_reproduces_a_compacted_run_that_keeps_pruned_units(compacted_with_kept_units):
+    """model_compact.pt is the bare module: the masks of the pruned units it still holds come from the run's
+    stage record, so the eval counts them as removed and finds the same effective sparsity (and collapse) as
+    the run did, not the 1 - after/before of a dense network."""
+    run = compacted_with_kept_units
+    doc = json.loads((run / "results.json").read_text())
+    assert doc["stages"]["prune"]["method"]["units_masked_not_removed"] > 0
+    final = doc["final"]
+    assert final["sparsity_direct"] > 1 - final["params_after"] / final["params_before"]  # kept units counted
+    record = evaluate(run)
+    assert record["source"].endswith("model_compact.pt")
+    written = json.loads((run / "eval.json").read_text())["metrics"]  # as results.json: inf written as null
+    for key in SAME:
+        assert written[key] == final[key], key
