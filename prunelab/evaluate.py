@@ -225,7 +225,7 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, output: str |
         architecture = {k: v for k, v in model_cfg.items() if k not in WEIGHT_OPTIONS}  # no weights needed
         dense = instantiate(architecture, input_shape=input_shape, num_classes=num_classes)
         metrics.update(ctx.structure_metrics(ctx.cost(dense), ctx.cost(model), "eval", model, masks))
-    elif masks is not None:  # a masked network: direct and effective sparsity of its masks
+    elif masks is not None and not compacted:  # a masked network: direct and effective sparsity of its masks
         metrics.update(ctx.sparsity_metrics(model, masks, "eval")["metrics"])
         cost = ctx.cost(model)
         metrics.update({f"eval/{k}": v for k, v in cost.items() if k.startswith("latency")})

@@ -220,19 +220,19 @@ class SigintAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def _foreground_sigint() -> None:
-    """A child's SIGINT as in a terminal's foreground job. A child inherits an ignored or blocked SIGINT from
-    its parent (a shell's background job is started so, and Python then leaves SIGINT alone, as prunelab
-    does); the pytest worker that starts the CLI may hold either state, left by a library it ran in-process."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+# The CLI with SIGINT as in a terminal's foreground job. A child inherits an ignored or blocked SIGINT from its
+# parent (a shell's background job is started so, and Python then leaves SIGINT alone, as prunelab does); the
+# pytest worker that starts the CLI may hold either state, left by a library it ran in-process.
+FOREGROUND_CLI = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                  "runpy.run_module('prunelab.cli', run_name='__main__', alter_sys=True)")
 
 
 def test_ctrl_c_says_how_to_resume_and_keeps_the_log_rows(tmp_path):
     args = [*FAST, "finetune.epochs=3", "logger=csv"]
-    out = subprocess.run([sys.executable, "-m", "prunelab.cli", *args,
+    out = subprocess.run([sys.executable, "-c", FOREGROUND_CLI, *args,
                           "+callbacks.sigint._target_=tests.test_cli.SigintAt"], cwd=tmp_path, env=cli_env(),
-                         text=True, capture_output=True, timeout=300, preexec_fn=_foreground_sigint)
+                         text=True, capture_output=True, timeout=300)
     assert out.returncode == 130, out.stderr[-3000:]
     assert "prunelab: interrupted: stage finetune of " in out.stderr
     assert f"cd {tmp_path} && prunelab " in out.stderr and "finetune.epochs=3" in out.stderr

@@ -273,3 +273,28 @@ def test_compacted_sparsity_counts_weights_cut_off_by_kept_units():
     assert sp["params/remaining"] == before - 7
     assert sp["sparsity/direct"] == pytest.approx(1 - (before - 7) / (before + 10))
     assert sp["sparsity/effective"] == pytest.approx(1 - (before - 7 - 4) / (before + 10))  # unit 1's column
+
+
+def test_compacted_sparsity_of_a_model_with_attention_is_the_direct_one():
+    """Attention is not path-linear (prunelab.pruning.effective): the effective sparsity of a compacted
+    transformer falls back to the direct one rather than to a path count that softmax would distort."""
+    from prunelab.pipeline.context import compacted_sparsity
+    from prunelab.pruning.effective import path_linear
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(self.fc(x), x, x)[0]
+
+    model = Block()
+    assert not path_linear(model) and path_linear(_mlp())
+    w, b = torch.ones(6, 6, dtype=torch.bool), torch.ones(6, dtype=torch.bool)
+    w[0], b[0] = False, False
+    before = sum(p.numel() for p in model.parameters())
+    sp = compacted_sparsity(before, before, model, MaskSet({"fc.weight": w, "fc.bias": b}), (4, 6))
+    assert sp["params/remaining"] == before - 7 and sp["layer_collapse"] == 0.0
+    assert sp["sparsity/effective"] == sp["sparsity/direct"] == pytest.approx(7 / before)

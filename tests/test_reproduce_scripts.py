@@ -42,12 +42,12 @@ def test_bmrs_fmnist_l2_arms_read_the_fraction_of_their_own_bmrs_n_arm(tmp_path:
 
     runs = tmp_path / "runs"
     sweep = runs / "outputs" / "multirun" / "bmrs_mlp_fashion_mnist"
-    for folder, zeroed, frac in (("plain", False, 0.8), ("zeroed", True, 0.6)):
+    for folder, zeroed, frac, after in (("plain", False, 0.8, 10), ("zeroed", True, 0.6, 30)):
         (sweep / folder).mkdir(parents=True)
         (sweep / folder / "results.json").write_text(json.dumps({
             "config": {"seed": 0, "method": {"zero_pruned": zeroed}},
             "final": {"rule": "bmrs_n", "delta_f_n_variant": "code", "frac_units_removed": frac,
-                      "params_after": 10, "params_before": 100}}))
+                      "params_after": after, "params_before": 100}}))
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "fake_prunelab"
     fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')

@@ -44,7 +44,7 @@ from prunelab.pipeline.cache import (
 from prunelab.pipeline.module import PruneModule
 from prunelab.pipeline.progress import StageProgressBar
 from prunelab.pruning.allocation import Allocation
-from prunelab.pruning.effective import effective_sparsity_report
+from prunelab.pruning.effective import effective_sparsity_report, path_linear
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Scorer
 from prunelab.training.accel import release
@@ -76,14 +76,19 @@ def compacted_sparsity(params_before: int, params_after: int, model: nn.Module |
     compaction kept, zero: units a residual addition still reads, and the one unit a layer keeps when every
     one of its units was pruned. Their entries count as removed (direct), and the effective sparsity follows
     the paths through the unmasked conv / linear weights (:func:`~prunelab.pruning.effective.
-    effective_sparsity_report`): a layer whose units were all pruned leaves no path, and the network is
-    recorded as collapsed (``layer_collapse``, effective sparsity 1, compression inf), not as a
-    ``1 - after / before`` that the kept zero unit would make look connected."""
+    effective_sparsity_report`). When no input -> output path is left (a layer of a plain chain whose units
+    were all pruned; in a residual network a shortcut may keep the path) the network is recorded as collapsed
+    (``layer_collapse``, effective sparsity 1, compression inf), not as a ``1 - after / before`` that the kept
+    zero unit would make look connected. A model with attention blocks
+    (not path-linear: :func:`~prunelab.pruning.effective.path_linear`) gets its direct sparsity as the
+    effective one."""
     remaining = params_after
     effective = params_after
     collapse = False
     if masks is not None and model is not None:
         remaining -= masks.numel() - masks.remaining()
+        effective = remaining
+    if masks is not None and model is not None and path_linear(model):
         weights = MaskSet.from_model(model)
         full = {n: masks[n] if n in masks else m for n, m in weights.items()}
         eff = effective_sparsity_report(model, full, input_shape)

@@ -224,6 +224,13 @@ class EffectiveSparsity:
         return self.reach(masks)[0]
 
 
+def path_linear(model: nn.Module) -> bool:
+    """Whether the effective analysis applies to ``model``: no attention block (``nn.MultiheadAttention`` or
+    a module whose class name ends in ``Attention``, as timm's), which is not path-linear (see above)."""
+    return not any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+                   for m in model.modules())
+
+
 def effective_masks(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
