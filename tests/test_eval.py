@@ -44,14 +44,16 @@ def structured_run(tmp_path_factory) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+KEPT_UNITS = ["model=resnet20", "data.input_shape=[3,32,32]", "method=bmrs_l2", "method.amount=0.5",
+              "schedule=bayesian", "schedule.epochs=1", "measure.latency=false"]
+
+
 @pytest.fixture(scope="module")
 def compacted_with_kept_units(tmp_path_factory) -> Path:
     """A structured run whose compaction keeps pruned units, zero and masked: ResNet-20 with the authors' L2
     cut over half the units (residual-read units stay; a layer cut whole keeps one)."""
     root = tmp_path_factory.mktemp("kept_units")
-    cfg = compose_config(root, FAST + ["model=resnet20", "data.input_shape=[3,32,32]", "method=bmrs_l2",
-                                       "method.amount=0.5", "schedule=bayesian", "schedule.epochs=1",
-                                       "measure.latency=false"])
+    cfg = compose_config(root, FAST + KEPT_UNITS)
     run_pipeline(cfg)
     return Path(cfg.paths.output_dir)
 
@@ -174,5 +176,24 @@ def test_eval_reproduces_a_compacted_run_that_keeps_pruned_units(compacted_with_
     record = evaluate(run)
     assert record["source"].endswith("model_compact.pt")
     written = json.loads((run / "eval.json").read_text())["metrics"]  # as results.json: inf written as null
+    for key in SAME:
+        assert written[key] == final[key], key
+
+
+def test_kept_units_stay_pruned_through_over_parameterized_fine_tuning(tmp_path):
+    """Over-parameterized fine-tuning trains expanded layers, where the compaction's masks cannot be enforced,
+    and with ``remask: false`` keeps the merged weights as trained. The units the compaction kept are part of
+    the structure: they are zero again after the merge, so the final model is the one the run's figures
+    describe (the eval of the saved model equals ``final``)."""
+    cfg = compose_config(tmp_path, FAST + KEPT_UNITS + ["finetune=overparam", "finetune.remask=false",
+                                                        "finetune.epochs=1"])
+    run_pipeline(cfg)
+    run = Path(cfg.paths.output_dir)
+    final = json.loads((run / "results.json").read_text())["final"]
+    kept = torch.load(run / "stages" / "prune.pt", weights_only=False)["masks"]
+    model = torch.load(run / "model_compact.pt", weights_only=False)
+    assert kept and all(not model.get_parameter(n)[~m.bool()].any() for n, m in kept.items())
+    evaluate(run)
+    written = json.loads((run / "eval.json").read_text())["metrics"]
     for key in SAME:
         assert written[key] == final[key], key

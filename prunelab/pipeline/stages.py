@@ -182,8 +182,9 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     ``recipe``: which config section ``epochs``/``optimizer``/``scheduler`` came from (``pretrain`` or
     ``finetune``), recorded in the stage record. ``weight_masks=False``: ``masks`` hold the units a
     training-time method pruned but could not remove (:class:`~prunelab.pruning.method.Finished`); they are
-    enforced the same way, but the stage records no weight-sparsity metrics for them (the prune stage's
-    structure metrics stay the run's figures)."""
+    enforced the same way, and applied again after a strategy's ``finish`` (whatever its ``remask``), so the
+    stage records no weight-sparsity metrics for them (the prune stage's structure metrics stay the run's
+    figures)."""
     banner(stage, f"{_epochs(epochs)}, recipe {recipe} ({optimizer['name']} lr {optimizer['lr']})")
     done = ctx.load_done(stage, ("epochs", "strategy"))
     if done is not None:
@@ -195,6 +196,7 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
         masks = MaskSet.from_state_dict(state["masks"]) if state["masks"] is not None else None
         return model, masks
     info: dict[str, Any] = {}
+    structural = None if weight_masks else masks  # units a compaction kept, zero: part of the structure
     if use_strategy:
         prepared = ctx.finetune.prepare(model, masks, teacher)
     else:
@@ -222,6 +224,9 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     if use_strategy:
         model, masks, strategy_info = ctx.finetune.finish(prepared)
         info.update(strategy_info)
+        if structural is not None:  # a strategy may train them (over-parameterized fine-tuning cannot enforce
+            structural.apply(model)  # masks on the expanded layers): they are pruned units, zero again
+            masks = structural
     else:
         model, masks = prepared.model, prepared.masks
     metrics = {**ctx.evaluate(model, stage, masks), **tracker.metrics(), f"{stage}/train_time_s": train_time}
