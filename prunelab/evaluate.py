@@ -19,7 +19,7 @@ composes that option of ``conf/data/`` with ``hydra.searchpath`` honoured), ``tr
 ``measure``. The numbers come from the pipeline's own functions (``RunContext.evaluate``, ``sparsity_metrics``,
 ``cost``, ``structure_metrics``): evaluating a run's own model on its own data reproduces its ``final`` block.
 A structured model's sparsity is measured against the dense network of the run's model config, as in the run,
-with the masks of the pruned units its compaction kept (from the run's stage record: :func:`compacted_file`).
+with the masks of the pruned units its compaction kept (from the run's stage record: :func:`kept_unit_masks`).
 """
 
 from __future__ import annotations
@@ -40,30 +40,20 @@ WEIGHT_OPTIONS = ("weights", "pretrained", "pretrained_file", "weights_name")  #
 MODEL_FILES = ("model_final.pt", "model_compact.pt", "stages/finetune.pt", "stages/prune.pt")
 
 
-def compacted_file(model_file: Path, run_dir: Path | None) -> tuple[bool, Any]:
-    """(whether ``model_file`` holds a compacted network, the masks of the pruned units it still holds).
-
-    A structured run's compaction keeps some pruned units, zero (a layer whose units were all pruned keeps
-    one; a unit a residual addition reads stays): ``model_compact.pt`` is the bare module, so its masks are
-    read from the run's last stage record, and a stage record holding a module carries them itself. Without
-    them the sparsities would count those units as remaining and a collapsed network as connected."""
+def kept_unit_masks(run_dir: Path | None) -> Any:
+    """The masks of the pruned units a run's ``model_compact.pt`` still holds, zero (a layer whose units were
+    all pruned keeps one; a unit a residual addition reads stays), from the run's last stage record: the bare
+    module does not carry them, and without them a collapsed network would be measured as connected."""
     import torch
 
-    from prunelab.export import COMPACT_FILE
     from prunelab.pruning.masks import MaskSet
 
-    if model_file.name == COMPACT_FILE:  # the last stage's record: fine-tuning enforces the prune stage's masks
-        records = [run_dir / "stages" / f"{s}.pt" for s in ("finetune", "prune")] if run_dir else []
-        record = next((r for r in records if r.is_file()), None)
-        obj = torch.load(record, map_location="cpu", weights_only=False) if record is not None else {}
-    elif model_file.parent.name == "stages":
-        obj = torch.load(model_file, map_location="cpu", weights_only=False)
-        if not isinstance(obj, dict) or not isinstance(obj.get("module"), torch.nn.Module):
-            return False, None  # the masked network itself, rebuilt from the run's config
-    else:
-        return False, None
-    masks = obj.get("masks") if isinstance(obj, dict) else None
-    return True, (MaskSet.from_state_dict(masks) if masks is not None else None)
+    records = [run_dir / "stages" / f"{s}.pt" for s in ("finetune", "prune")] if run_dir else []
+    record = next((r for r in records if r.is_file()), None)
+    if record is None:
+        return None
+    masks = torch.load(record, map_location="cpu", weights_only=False).get("masks")
+    return MaskSet.from_state_dict(masks) if masks is not None else None
 
 
 def find_model(path: Path) -> tuple[Path, Path | None]:
@@ -195,7 +185,7 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, output: str |
     import torch
     from hydra.utils import instantiate
 
-    from prunelab.export import load_model_file
+    from prunelab.export import COMPACT_FILE, load_model_file
     from prunelab.models.registry import check_model_fits
     from prunelab.pipeline.context import RunContext
     from prunelab.utils.io import atomic_write_json
@@ -213,26 +203,21 @@ def evaluate(path: str | Path, overrides: list[str] | None = None, output: str |
     dm.setup("fit")
     input_shape, num_classes = tuple(dm.input_shape), int(dm.num_classes)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
-    model, masks = load_model_file(model_file, model_cfg, input_shape, num_classes)
+    model, masks, rebuilt = load_model_file(model_file, model_cfg, input_shape, num_classes)
+    if model_file.name == COMPACT_FILE:  # the bare module: the units it kept are in the run's stage record
+        masks = kept_unit_masks(run_dir)
     check_model_fits(model, model_file.name, input_shape, num_classes)  # a clear error for data of another shape
     ctx = RunContext(cfg=cfg, run_dir=out_file.parent, cache_dir=out_file.parent, datamodule=dm, scorer=None,
                      allocation=None, finetune=None, schedule=None, sparsity=None, loggers=[])
-    compacted, kept = compacted_file(model_file, run_dir)
-    if compacted:  # the pruned units the compacted network still holds (zero): enforced like its masks
-        masks = kept
     metrics = ctx.evaluate(model, "eval", masks)
-    if compacted and model_cfg is not None:  # a compacted network: against the dense network of the run's config
-        architecture = {k: v for k, v in model_cfg.items() if k not in WEIGHT_OPTIONS}  # no weights needed
-        dense = instantiate(architecture, input_shape=input_shape, num_classes=num_classes)
-        metrics.update(ctx.structure_metrics(ctx.cost(dense), ctx.cost(model), "eval", model, masks))
-    elif masks is not None and not compacted:  # a masked network: direct and effective sparsity of its masks
+    if rebuilt and masks is not None:  # a masked network: direct and effective sparsity of its masks
         metrics.update(ctx.sparsity_metrics(model, masks, "eval")["metrics"])
         cost = ctx.cost(model)
         metrics.update({f"eval/{k}": v for k, v in cost.items() if k.startswith("latency")})
-    elif model_cfg is not None:  # a restructured network without a record saying so: as a compacted one
-        architecture = {k: v for k, v in model_cfg.items() if k not in WEIGHT_OPTIONS}
+    elif model_cfg is not None:  # a compacted network (with the units it kept): against the run's dense network
+        architecture = {k: v for k, v in model_cfg.items() if k not in WEIGHT_OPTIONS}  # no weights needed
         dense = instantiate(architecture, input_shape=input_shape, num_classes=num_classes)
-        metrics.update(ctx.structure_metrics(ctx.cost(dense), ctx.cost(model), "eval"))
+        metrics.update(ctx.structure_metrics(ctx.cost(dense), ctx.cost(model), "eval", model, masks))
     else:  # a plain network without its run: its own cost, sparsity unknown
         metrics.update({f"eval/{k}": v for k, v in ctx.cost(model).items()})
     record = {

@@ -100,10 +100,12 @@ def save_final(model: nn.Module, masks, model_config: dict, input_shape: tuple[i
 
 
 def load_model_file(path: str | Path, model_config: dict | None = None, input_shape=None,
-                    num_classes: int | None = None) -> tuple[nn.Module, Any]:
-    """(model, masks or None) from a file prunelab wrote: ``model_final.pt``, ``model_compact.pt``, or a stage
-    record ``stages/<stage>.pt`` (then ``model_config``, ``input_shape`` and ``num_classes`` rebuild the
-    network, as the run did). Trusted files only: the pickled module is unpickled."""
+                    num_classes: int | None = None) -> tuple[nn.Module, Any, bool]:
+    """(model, masks or None, rebuilt) from a file prunelab wrote: ``model_final.pt``, ``model_compact.pt``, or
+    a stage record ``stages/<stage>.pt``. ``rebuilt``: the network was built from a config (the file's, else
+    ``model_config``, ``input_shape``, ``num_classes``) and loaded with a state dict, as the run built it; False
+    when the file holds the module itself (a compacted or restructured network). Trusted files only: the
+    pickled module is unpickled."""
     from hydra.utils import instantiate
 
     from prunelab.pruning.masks import MaskSet
@@ -113,12 +115,12 @@ def load_model_file(path: str | Path, model_config: dict | None = None, input_sh
         raise FileNotFoundError(f"{path}: no such model file")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, nn.Module):
-        return obj.eval(), None
+        return obj.eval(), None, False
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a model file written by prunelab (a {type(obj).__name__})")
     if isinstance(obj.get("module"), nn.Module):  # a stage record of a compacted / restructured model
         masks = MaskSet.from_state_dict(obj["masks"]) if obj.get("masks") is not None else None
-        return obj["module"].eval(), masks
+        return obj["module"].eval(), masks, False
     state = obj.get("state_dict", obj.get("model"))
     config = obj.get("model_config", model_config)
     shape = obj.get("input_shape", input_shape)
@@ -134,4 +136,4 @@ def load_model_file(path: str | Path, model_config: dict | None = None, input_sh
     masks = MaskSet.from_state_dict(obj["masks"]) if obj.get("masks") is not None else None
     if masks is not None:
         masks.apply(model)
-    return model.eval(), masks
+    return model.eval(), masks, True

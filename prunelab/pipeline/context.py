@@ -44,7 +44,7 @@ from prunelab.pipeline.cache import (
 from prunelab.pipeline.module import PruneModule
 from prunelab.pipeline.progress import StageProgressBar
 from prunelab.pruning.allocation import Allocation
-from prunelab.pruning.effective import effective_sparsity_report, path_linear
+from prunelab.pruning.effective import effective_sparsity_report
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.scorers.base import Scorer
 from prunelab.training.accel import release
@@ -65,7 +65,7 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def compacted_sparsity(params_before: int, params_after: int, model: nn.Module | None, masks: MaskSet | None,
+def compacted_sparsity(params_before: int, params_after: int, model: nn.Module, masks: MaskSet | None,
                        input_shape) -> dict[str, Any]:
     """Direct and effective sparsity of a compacted model against the dense one (``params/total``,
     ``params/remaining``, ``sparsity/...``, ``compression/...``, ``layer_collapse``).
@@ -79,18 +79,12 @@ def compacted_sparsity(params_before: int, params_after: int, model: nn.Module |
     effective_sparsity_report`). When no input -> output path is left (a layer of a plain chain whose units
     were all pruned; in a residual network a shortcut may keep the path) the network is recorded as collapsed
     (``layer_collapse``, effective sparsity 1, compression inf), not as a ``1 - after / before`` that the kept
-    zero unit would make look connected. A model with attention blocks
-    (not path-linear: :func:`~prunelab.pruning.effective.path_linear`) gets its direct sparsity as the
-    effective one."""
-    remaining = params_after
-    effective = params_after
+    zero unit would make look connected (a model with attention: direct = effective, as that report gives)."""
+    remaining = effective = params_after
     collapse = False
-    if masks is not None and model is not None:
+    if masks is not None:
         remaining -= masks.numel() - masks.remaining()
-        effective = remaining
-    if masks is not None and model is not None and path_linear(model):
-        weights = MaskSet.from_model(model)
-        full = {n: masks[n] if n in masks else m for n, m in weights.items()}
+        full = {n: masks[n] if n in masks else m for n, m in MaskSet.from_model(model).items()}
         eff = effective_sparsity_report(model, full, input_shape)
         collapse = bool(eff["layer_collapse"])
         effective = 0 if collapse else remaining - (eff["remaining"] - eff["effective_remaining"])

@@ -182,9 +182,9 @@ def train_stage(ctx: RunContext, model: nn.Module, masks: MaskSet | None, stage:
     ``recipe``: which config section ``epochs``/``optimizer``/``scheduler`` came from (``pretrain`` or
     ``finetune``), recorded in the stage record. ``weight_masks=False``: ``masks`` hold the units a
     training-time method pruned but could not remove (:class:`~prunelab.pruning.method.Finished`); they are
-    enforced the same way, and applied again after a strategy's ``finish`` (whatever its ``remask``), so the
-    stage records no weight-sparsity metrics for them (the prune stage's structure metrics stay the run's
-    figures)."""
+    enforced the same way and applied again after a strategy's ``finish`` (whatever its ``remask``: they are
+    structure, not weight sparsity). The stage records no weight-sparsity metrics for them: the prune stage's
+    structure metrics stay the run's figures."""
     banner(stage, f"{_epochs(epochs)}, recipe {recipe} ({optimizer['name']} lr {optimizer['lr']})")
     done = ctx.load_done(stage, ("epochs", "strategy"))
     if done is not None:

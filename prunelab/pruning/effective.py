@@ -226,7 +226,8 @@ class EffectiveSparsity:
 
 def path_linear(model: nn.Module) -> bool:
     """Whether the effective analysis applies to ``model``: no attention block (``nn.MultiheadAttention`` or
-    a module whose class name ends in ``Attention``, as timm's), which is not path-linear (see above)."""
+    a module whose class name ends in ``Attention``, as timm's), which is not path-linear (see above).
+    :func:`effective_sparsity_report` falls back to the direct figures otherwise."""
     return not any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
                    for m in model.modules())
 
@@ -282,6 +283,13 @@ def effective_sparsity_report(
     ``compression_direct``, ``compression_effective`` (total / effective remaining, ``math.inf`` when nothing
     effective remains), ``layer_collapse`` (True when no input -> output path remains) and ``layers``: one dict
     per tensor with ``name``, ``shape``, ``numel``, ``remaining``, ``effective_remaining``.
+
+    A model with attention (not :func:`path_linear`) gets its direct figures as the effective ones, with a
+    warning: the path count through a softmax is not the paper's definition and would be wrong either way.
     """
+    if not path_linear(model):
+        logger.warning("effective sparsity: %s has attention blocks, which are not path-linear; reporting the "
+                       "direct sparsity as the effective one", type(model).__name__)
+        return report_from_effective(masks, masks, connected=True)
     eff, connected = EffectiveSparsity(model, input_shape).reach(masks)
     return report_from_effective(masks, eff, connected)
