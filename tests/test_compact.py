@@ -11,6 +11,7 @@ from torch import nn
 
 from prunelab.metrics.latency import count_flops, count_params, measure_latency
 from prunelab.models import build_model
+from prunelab.pipeline.context import compacted_sparsity
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.units.compact import CostModel, compact, export_onnx, load_compact, save_compact
 from prunelab.pruning.units.gates import Gates
@@ -225,11 +226,9 @@ def _compacted(keep: dict[str, torch.Tensor]):
 
 
 def test_compacted_sparsity_without_kept_units_is_the_fraction_removed():
-    from prunelab.pipeline.context import compacted_sparsity
-
     model, small, left = _compacted({"0": torch.tensor([1, 0, 1, 0, 1]).bool(), "2": torch.ones(4, dtype=torch.bool)})
     assert left is None
-    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    before, after = count_params(model), count_params(small)
     sp = compacted_sparsity(before, after, small, left, (6,))
     assert after == before - 2 * (6 + 1 + 4)  # two units: their rows, biases and the next layer's columns
     assert sp["params/remaining"] == after and sp["layer_collapse"] == 0.0
@@ -241,11 +240,9 @@ def test_compacted_sparsity_of_an_emptied_layer_is_a_collapse():
     layer never loses all its units), so the network's output is a constant. That is a collapse (effective
     sparsity 1, compression inf), not the 1 - after/before that the kept zero unit would make look connected;
     the direct count includes the kept unit's masked entries."""
-    from prunelab.pipeline.context import compacted_sparsity
-
     model, small, left = _compacted({"0": torch.ones(5, dtype=torch.bool), "2": torch.zeros(4, dtype=torch.bool)})
     assert left is not None and small[2].out_features == 1
-    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    before, after = count_params(model), count_params(small)
     masked = left.numel() - left.remaining()
     assert masked == 5 + 1 + 3  # the kept unit's row, bias and column in the classifier
     sp = compacted_sparsity(before, after, small, left, (6,))
@@ -261,13 +258,11 @@ def test_compacted_sparsity_of_an_emptied_layer_is_a_collapse():
 def test_compacted_sparsity_counts_weights_cut_off_by_kept_units():
     """A kept, masked unit whose incoming weights are masked but whose outgoing column is not: that column
     is on no input -> output path, so it is counted in the effective sparsity and not in the direct one."""
-    from prunelab.pipeline.context import compacted_sparsity
-
     model = _mlp()
     w, b = torch.ones(5, 6, dtype=torch.bool), torch.ones(5, dtype=torch.bool)
     w[1], b[1] = False, False
     masks = MaskSet({"0.weight": w, "0.bias": b})
-    before = sum(p.numel() for p in model.parameters())
+    before = count_params(model)
     sp = compacted_sparsity(before + 10, before, model, masks, (6,))  # as if 10 parameters had been removed
     assert sp["layer_collapse"] == 0.0
     assert sp["params/remaining"] == before - 7
@@ -278,7 +273,6 @@ def test_compacted_sparsity_counts_weights_cut_off_by_kept_units():
 def test_compacted_sparsity_of_a_model_with_attention_is_the_direct_one():
     """Attention is not path-linear (prunelab.pruning.effective): the effective sparsity of a compacted
     transformer falls back to the direct one rather than to a path count that softmax would distort."""
-    from prunelab.pipeline.context import compacted_sparsity
     from prunelab.pruning.effective import path_linear
 
     class Block(nn.Module):
@@ -294,7 +288,7 @@ def test_compacted_sparsity_of_a_model_with_attention_is_the_direct_one():
     assert not path_linear(model) and path_linear(_mlp())
     w, b = torch.ones(6, 6, dtype=torch.bool), torch.ones(6, dtype=torch.bool)
     w[0], b[0] = False, False
-    before = sum(p.numel() for p in model.parameters())
+    before = count_params(model)
     sp = compacted_sparsity(before, before, model, MaskSet({"fc.weight": w, "fc.bias": b}), (4, 6))
     assert sp["params/remaining"] == before - 7 and sp["layer_collapse"] == 0.0
     assert sp["sparsity/effective"] == sp["sparsity/direct"] == pytest.approx(7 / before)
